@@ -1,0 +1,110 @@
+"""Shared validation for the public functions.
+
+Every check here only reads its arguments, so a public function can run them all before it
+modifies anything and a failed call leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "as_bool_mask",
+    "check_mask_fits",
+    "check_module",
+    "parametrizations_of",
+    "warn_if_empty",
+]
+
+
+def check_module(module: object, caller: str) -> nn.Module:
+    """Return ``module`` if it is an :class:`torch.nn.Module`, else raise ``TypeError``."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"{caller} expects a torch.nn.Module as its first argument. "
+            f"Got {type(module).__name__}."
+        )
+    return module
+
+
+def parametrizations_of(module: nn.Module, name: str) -> list[nn.Module]:
+    """The parametrizations registered on ``module.<name>``, outermost last ([] if none)."""
+    if not parametrize.is_parametrized(module, name):
+        return []
+    return list(module.parametrizations[name])  # type: ignore[index]
+
+
+def as_bool_mask(mask: Any, caller: str) -> Tensor:
+    """Convert ``mask`` to a detached boolean tensor, refusing values other than 0 and 1.
+
+    Accepts a tensor of any real dtype or anything :func:`torch.as_tensor` understands
+    (nested lists, NumPy arrays). The result lives on the device of the input.
+    """
+    if not isinstance(mask, Tensor):
+        try:
+            mask = torch.as_tensor(mask)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"{caller} expects the mask as a tensor (bool, or numbers that are all 0 or 1) "
+                f"or something torch.as_tensor accepts. Got {type(mask).__name__}: {err}"
+            ) from None
+    mask = mask.detach()
+    assert isinstance(mask, Tensor)
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise TypeError(
+            f"{caller} expects a bool mask, or a real-valued one with only 0 and 1. "
+            f"Got dtype={mask.dtype}."
+        )
+    if mask.is_floating_point() and bool(torch.isnan(mask).any()):
+        raise ValueError(
+            f"{caller} expects a mask whose values are all 0 or 1 (or a bool mask). "
+            f"Got NaN at {int(torch.isnan(mask).sum())} of {mask.numel()} entries."
+        )
+    is_binary = (mask == 0) | (mask == 1)
+    if not bool(is_binary.all()):
+        bad = mask[~is_binary].flatten()[:5].tolist()
+        raise ValueError(
+            f"{caller} expects a mask whose values are all 0 or 1 (or a bool mask). "
+            f"Got other values, for example {bad}."
+        )
+    return mask != 0
+
+
+def check_mask_fits(mask: Tensor, weight: Tensor, where: str, caller: str) -> None:
+    """Raise ``ValueError`` unless ``mask`` broadcasts to exactly ``weight.shape``.
+
+    The kernel's spatial shape always qualifies: it is the trailing part of a conv weight.
+
+    Args:
+        mask: The boolean mask.
+        weight: The tensor it will mask.
+        where: How to name the weight in a message, such as ``"Conv2d.weight"``.
+        caller: The public function, named in the message.
+    """
+    fits = mask.dim() <= weight.dim() and all(
+        m in (1, w) for m, w in zip(reversed(mask.shape), reversed(weight.shape), strict=False)
+    )
+    if not fits:
+        raise ValueError(
+            f"{caller} expects a mask of the kernel's spatial shape or one broadcastable to "
+            f"the weight. Got mask.shape={tuple(mask.shape)} for "
+            f"{where}.shape={tuple(weight.shape)}."
+        )
+
+
+def warn_if_empty(mask: Tensor, where: str) -> None:
+    """Warn when ``mask`` switches off every tap: allowed, but rarely what anyone meant."""
+    if mask.numel() == 0 or not bool(mask.any()):
+        warnings.warn(
+            f"The mask for {where} is all zero: every tap is switched off, so the weight is "
+            "identically zero and learns nothing.",
+            UserWarning,
+            stacklevel=3,
+        )
