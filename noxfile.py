@@ -1,0 +1,54 @@
+"""Sessions for tests, lint, typing, the demo and the docs: ``nox -l`` lists them."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["tests", "lint", "typing"]
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+# The torch that sessions install. The default is the tested floor, a CPU wheel; set
+# MASKPARAM_TORCH (for example "torch==2.14.1") to run against another release.
+TORCH = os.environ.get("MASKPARAM_TORCH", "torch==2.13.0")
+
+
+def _install(session: nox.Session, *groups: str) -> None:
+    session.install(TORCH)
+    for group in groups:
+        session.install(*nox.project.dependency_groups(PYPROJECT, group))
+    session.install("-e", ".")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite and the doctests (HYPOTHESIS_PROFILE=ci by default)."""
+    _install(session, "test")
+    session.env.setdefault("HYPOTHESIS_PROFILE", os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check style and formatting with ruff."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typing(session: nox.Session) -> None:
+    """Type-check the package with mypy in strict mode."""
+    _install(session, "typing")
+    session.run("mypy")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Run the demo: a cross-masked Conv3d learns a hidden cross filter."""
+    session.install(TORCH)
+    session.install(".")
+    session.run("python", "-m", "maskparam", "demo")
