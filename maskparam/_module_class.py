@@ -22,6 +22,8 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
+from maskparam import _forward
+
 __all__ = ["adopt"]
 
 
@@ -35,6 +37,8 @@ def adopt(module: nn.Module, base: type[nn.Module] | None = None) -> None:
     if base is None:
         base = parametrize.type_before_parametrizations(module)
     namespace: dict[str, Any] = {"__deepcopy__": _deepcopy, "__reduce_ex__": _reduce_ex}
+    if _forward.needs_override(module):
+        namespace["_conv_forward"] = _forward.conv_forward
     module.__class__ = type(f"Parametrized{base.__name__}", (base,), namespace)
     for tensor_name in module.parametrizations:  # type: ignore[union-attr]
         # The same property torch installs, bound to this instance (its cache key is the id).

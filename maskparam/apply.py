@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from maskparam import _checks, _module_class
+from maskparam import _checks, _forward, _module_class
 from maskparam.parametrizations import BiasMask, FixedMask
 
 __all__ = ["BiasMode", "apply_mask", "get_mask", "is_masked", "remove_mask", "set_mask"]
@@ -99,6 +99,8 @@ def apply_mask(
             if _checks.parametrizations_of(module, tensor_name):
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
         raise
+    # Options that change how the convolution runs (see maskparam._forward) are recorded on
+    # the module here, before adopt() builds its class.
     _module_class.adopt(module)
     return module
 
@@ -133,6 +135,11 @@ def remove_mask(module: nn.Module, *, name: str = "weight", bake: bool = True) -
     owned_bias = name == "weight" and _bias_mask_of(module) is not None
     for tensor_name in (name, "bias") if owned_bias else (name,):
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=bake)
+    if name == "weight":
+        for attr in _forward.ATTRS:
+            module.__dict__.pop(attr, None)
+        if parametrize.is_parametrized(module):
+            _module_class.adopt(module)  # rebuilt without the forward override
     return module
 
 

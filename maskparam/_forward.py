@@ -1,0 +1,36 @@
+"""The forward a masked conv runs when maskparam changes how the convolution itself runs.
+
+Most masked layers keep their own forward: the parametrization alone masks the weight. Two
+per-layer options replace :meth:`torch.nn.Conv2d._conv_forward` (and its 1-D/3-D twins):
+data-dependent bias (``bias_mode="valid"``/``"partial"``, :mod:`maskparam.partial`) and
+active-tap execution (``execution=``, :mod:`maskparam.taps`). Each records its choice as a
+plain attribute on the module, named below, so ``deepcopy`` and pickling carry it, and
+:func:`maskparam._module_class.adopt` installs :func:`conv_forward` on the module's class when
+one is present.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["ATTRS", "BIAS_MODE_ATTR", "EXECUTION_ATTR", "conv_forward", "needs_override"]
+
+BIAS_MODE_ATTR = "_maskparam_bias_mode"
+EXECUTION_ATTR = "_maskparam_execution"
+ATTRS = (BIAS_MODE_ATTR, EXECUTION_ATTR)
+
+
+def needs_override(module: nn.Module) -> bool:
+    """Whether ``module`` is a (non-transposed) conv with an option that changes its forward."""
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and not module.transposed
+        and any(attr in module.__dict__ for attr in ATTRS)
+    )
+
+
+def conv_forward(self: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``_conv_forward`` of a masked conv whose options change how it runs."""
+    base = type(self).__bases__[0]
+    out: Tensor = base._conv_forward(self, input, weight, bias)  # type: ignore[attr-defined]
+    return out
