@@ -49,6 +49,6 @@ def typing(session: nox.Session) -> None:
 @nox.session
 def demo(session: nox.Session) -> None:
     """Run the demo: a cross-masked Conv3d learns a hidden cross filter."""
-    session.install(TORCH)
+    session.install(TORCH, "numpy")  # numpy only keeps torch's import quiet
     session.install(".")
     session.run("python", "-m", "maskparam", "demo")
