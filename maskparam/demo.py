@@ -14,15 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskparam import masks
 from maskparam.apply import apply_mask, remove_mask
 
 __all__ = ["run"]
-
-
-def _cross3d() -> Tensor:
-    """The 3x3x3 cross: the centre and its six face neighbours (7 of 27 taps)."""
-    offsets = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"))
-    return (offsets != 0).sum(dim=0) <= 1
 
 
 def run(*, steps: int = 150, seed: int = 0, log: Callable[[str], None] = print) -> int:
@@ -38,7 +33,7 @@ def run(*, steps: int = 150, seed: int = 0, log: Callable[[str], None] = print) 
     """
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    cross = _cross3d()
+    cross = masks.cross(3, ndim=3)  # the centre and its six face neighbours: 7 of 27 taps
     # The hidden filter: random values on the cross, exactly zero elsewhere.
     true_w = torch.randn(4, 2, 3, 3, 3, generator=gen) * cross
     true_b = torch.randn(4, generator=gen)
