@@ -1,0 +1,483 @@
+"""maskparam benchmarks: the cost of a mask, active-tap execution, whole-model masking.
+
+Run ``nox -s bench`` or ``python benchmarks/bench.py`` (``--help`` for the options). It
+prints tables of time ratios. Every ratio is measured in this one process, with the variants
+interleaved round by round (the order rotates each round), and is the median over the rounds
+of the per-round ratio, with the 10th-90th percentile spread in brackets. Times are in
+milliseconds, medians. CPU times use ``time.perf_counter``; on CUDA, CUDA events.
+
+Sections:
+
+1. Parametrization overhead: a masked layer (dense execution) against the plain layer with
+   the same weights, forward (under ``no_grad``) and forward+backward, with and without
+   ``torch.nn.utils.parametrize.cached()``, and ``torch.nn.utils.prune.custom_from_mask``.
+2. Active-tap execution against dense masked execution, forward+backward, with input and
+   gradient in the usual contiguous layout, and again in channels-last layout; "auto" too.
+   Peak memory is the most tensor memory held at once during one forward+backward, beyond
+   the inputs (CUDA: the caching allocator's peak; CPU: the profiler's allocation events).
+3. ``apply_masks`` and baking (``remove_masks(bake=True)``) on a ResNet-50-sized network
+   with 53 convolutions, against one forward pass of that network at batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize, prune
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from maskparam.apply import apply_mask, remove_mask
+
+Fn = Callable[[], object]
+
+
+# -- masks ----------------------------------------------------------------------------------
+
+
+def cross(k: int, ndim: int) -> Tensor:
+    """The taps on the axes through the centre: 7 of 27 for a 3x3x3."""
+    grids = torch.meshgrid(*[torch.arange(k) - k // 2] * ndim, indexing="ij")
+    return sum((g == 0).int() for g in grids) >= ndim - 1
+
+
+def ball(radius: int, ndim: int) -> Tensor:
+    """The taps within ``radius`` of the centre: 33 of 125 for r=2 in 3-D."""
+    grids = torch.meshgrid(*[torch.arange(-radius, radius + 1)] * ndim, indexing="ij")
+    return sum(g**2 for g in grids) <= radius**2
+
+
+def causal_type_a(k: int) -> Tensor:
+    """PixelCNN mask A: the taps strictly before the centre in raster order (24 of 49)."""
+    flat = torch.arange(k * k).reshape(k, k)
+    return flat < (k * k) // 2
+
+
+def spaced_1d(k: int, active: int) -> Tensor:
+    """``active`` taps evenly spread over ``k``: 3 of 9 is taps 0, 4 and 8."""
+    mask = torch.zeros(k, dtype=torch.bool)
+    mask[torch.linspace(0, k - 1, active).round().long()] = True
+    return mask
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+
+class Timer:
+    """Seconds per call: ``perf_counter`` on CPU, CUDA events on a GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Fn) -> float:
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        begin = time.perf_counter()
+        fn()
+        return time.perf_counter() - begin
+
+
+def interleaved(
+    fns: dict[str, Fn], rounds: int, timer: Timer, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Seconds per round of every variant; each round runs them all, in a rotating order."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(timer(fns[name]))
+    return times
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def ratio(times: dict[str, list[float]], num: str, den: str) -> str:
+    """Median of the per-round ratios num/den, and its 10th-90th percentile spread."""
+    per_round = [a / b for a, b in zip(times[num], times[den], strict=True)]
+    return (
+        f"{statistics.median(per_round):5.2f} "
+        f"[{quantile(per_round, 0.1):.2f}-{quantile(per_round, 0.9):.2f}]"
+    )
+
+
+def ms(times: dict[str, list[float]], name: str) -> str:
+    return f"{statistics.median(times[name]) * 1e3:8.1f}"
+
+
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """Send what C++ code writes to stdout and stderr (the profiler's notices) nowhere."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+def peak_bytes(fn: Fn, device: torch.device) -> int:
+    """The most tensor memory held at once while ``fn`` runs, beyond what existed before."""
+    fn()  # warm: first-call allocations are not the steady state
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with silenced(), tempfile.TemporaryDirectory() as tmp:
+        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+            fn()
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text())["traceEvents"]
+    totals = [
+        e["args"]["Total Allocated"]
+        for e in events
+        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
+    ]
+    return max([0, *totals])
+
+
+def fwd_bwd(layer: nn.Module, x: Tensor, grad: Tensor) -> Fn:
+    x = x.detach().requires_grad_()
+
+    def step() -> None:
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(grad)
+
+    return step
+
+
+def fwd(layer: nn.Module, x: Tensor) -> Fn:
+    def step() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    return step
+
+
+def channels_last(t: Tensor) -> Tensor:
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return t if fmt is None else t.contiguous(memory_format=fmt)
+
+
+# -- cases ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    name: str
+    ndim: int
+    batch: int
+    c_in: int
+    c_out: int
+    size: int
+    mask: Tensor
+    quick: bool = False
+
+    def layer(self, device: torch.device, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[self.ndim]
+        k = tuple(self.mask.shape)
+        return conv(self.c_in, self.c_out, k, padding=tuple(s // 2 for s in k)).to(device)
+
+    def input(self, device: torch.device) -> Tensor:
+        gen = torch.Generator().manual_seed(1)
+        shape = (self.batch, self.c_in) + (self.size,) * self.ndim
+        return torch.randn(shape, generator=gen).to(device)
+
+    def __str__(self) -> str:
+        side = "x".join([str(self.size)] * self.ndim)
+        return f"{self.name} ({self.batch}, {self.c_in}->{self.c_out}, {side})"
+
+
+OVERHEAD_CASES = [
+    Case("3d cross 3x3x3", 3, 4, 16, 32, 32, cross(3, 3), quick=True),
+    Case("2d resnet 3x3 cross", 2, 32, 64, 64, 56, cross(3, 2)),
+]
+
+TAP_CASES = [
+    Case("3d cross 3x3x3", 3, 4, 16, 32, 32, cross(3, 3), quick=True),
+    Case("3d cross 3x3x3", 3, 2, 32, 64, 24, cross(3, 3)),
+    Case("3d cross 3x3x3", 3, 8, 8, 8, 32, cross(3, 3)),
+    Case("3d ball 5x5x5 r2", 3, 4, 16, 32, 32, ball(2, 3), quick=True),
+    Case("3d ball 5x5x5 r2", 3, 2, 32, 64, 24, ball(2, 3)),
+    Case("3d ball 5x5x5 r2", 3, 8, 8, 8, 32, ball(2, 3)),
+    Case("2d cross 3x3", 2, 32, 64, 64, 56, cross(3, 2)),
+    Case("causal 7x7 A", 2, 16, 3, 64, 128, causal_type_a(7)),
+    Case("causal 7x7 A", 2, 32, 64, 64, 56, causal_type_a(7), quick=True),
+    Case("1d 3 of 9 taps", 1, 64, 128, 128, 1024, spaced_1d(9, 3), quick=True),
+]
+
+
+# -- sections -------------------------------------------------------------------------------
+
+
+def section_overhead(cases: list[Case], rounds: int, device: torch.device, timer: Timer) -> None:
+    print("\n== 1. Parametrization overhead: time / plain layer (same weights)")
+    print(
+        f"{'case':42s} {'pass':8s} {'plain ms':>9s}  {'masked':17s} {'masked+cached':17s} "
+        f"{'prune':17s}"
+    )
+    for case in cases:
+        plain = case.layer(device)
+        with torch.no_grad():
+            plain.weight.mul_(case.mask.to(device))
+        masked = apply_mask(copy.deepcopy(plain), case.mask.to(device))
+        pruned = copy.deepcopy(plain)
+        prune.custom_from_mask(pruned, "weight", case.mask.to(device).expand_as(plain.weight))
+        x = case.input(device)
+        grad = torch.randn_like(plain(x))
+
+        def cached(step: Fn) -> Fn:
+            def run() -> None:
+                with parametrize.cached():
+                    step()
+
+            return run
+
+        passes: dict[str, Callable[[nn.Module], Fn]] = {
+            "fwd": lambda m, x=x: fwd(m, x),
+            "fwd+bwd": lambda m, x=x, grad=grad: fwd_bwd(m, x, grad),
+        }
+        for label, make in passes.items():
+            fns = {
+                "plain": make(plain),
+                "masked": make(masked),
+                "cached": cached(make(masked)),
+                "prune": make(pruned),
+            }
+            times = interleaved(fns, rounds, timer)
+            print(
+                f"{case!s:42s} {label:8s} {ms(times, 'plain'):>9s}  "
+                f"{ratio(times, 'masked', 'plain'):17s} {ratio(times, 'cached', 'plain'):17s} "
+                f"{ratio(times, 'prune', 'plain'):17s}"
+            )
+
+
+def section_taps(
+    cases: list[Case], rounds: int, device: torch.device, timer: Timer, memory: bool
+) -> None:
+    print(
+        "\n== 2. Active taps, forward+backward: times in ms, ratios per round "
+        "(cf: contiguous input and gradient; cl: channels-last)"
+    )
+    header = (
+        f"{'case':42s} {'active':>7s} {'dense':>8s} {'dense_cl':>8s} {'taps':>8s} "
+        f"{'taps/dense':17s} {'taps/dense_cl':17s} {'taps_cl/dense_cl':17s} "
+        f"{'auto/dense':17s} {'auto->':>8s}"
+    )
+    if memory:
+        header += f" {'mem taps/dense':>14s}"
+    print(header)
+    for case in cases:
+        dense = apply_mask(case.layer(device), case.mask.to(device))
+        tapped = apply_mask(case.layer(device), case.mask.to(device), execution="taps")
+        auto = apply_mask(case.layer(device), case.mask.to(device), execution="auto")
+        x = case.input(device)
+        grad = torch.randn_like(dense(x))
+        fns = {
+            "dense": fwd_bwd(dense, x, grad),
+            "taps": fwd_bwd(tapped, x, grad),
+            "auto": fwd_bwd(auto, x, grad),
+        }
+        has_cl = case.ndim >= 2
+        if has_cl:
+            fns["dense_cl"] = fwd_bwd(dense, channels_last(x), channels_last(grad))
+            fns["taps_cl"] = fwd_bwd(tapped, channels_last(x), channels_last(grad))
+        times = interleaved(fns, rounds, timer)
+        execution = auto.__dict__["_maskparam_execution"]
+        chosen = ",".join(sorted(set(execution._choices.values()))) or "dense"
+        active = f"{int(case.mask.sum())}/{case.mask.numel()}"
+        na = f"{'n/a':17s}"
+        line = (
+            f"{case!s:42s} {active:>7s} {ms(times, 'dense')} "
+            f"{ms(times, 'dense_cl') if has_cl else '     n/a'} {ms(times, 'taps')} "
+            f"{ratio(times, 'taps', 'dense'):17s} "
+            f"{ratio(times, 'taps', 'dense_cl') if has_cl else na:17s} "
+            f"{ratio(times, 'taps_cl', 'dense_cl') if has_cl else na:17s} "
+            f"{ratio(times, 'auto', 'dense'):17s} {chosen:>8s}"
+        )
+        if memory:
+            mem_dense = peak_bytes(fns["dense"], device)
+            mem_taps = peak_bytes(fns["taps"], device)
+            line += f" {mem_taps / max(1, mem_dense):8.2f} ({mem_dense / 2**20:.0f} MiB)"
+        print(line, flush=True)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, inplanes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return torch.relu(out + identity)
+
+
+def resnet50() -> nn.Module:
+    """ResNet-50's layout and widths (25.6M parameters, 53 convs), built here."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, 2, padding=3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, padding=1),
+    ]
+    inplanes = 64
+    for planes, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for i in range(blocks):
+            layers.append(Bottleneck(inplanes, planes, stride if i == 0 else 1))
+            inplanes = planes * 4
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, 1000)]
+    return nn.Sequential(*layers)
+
+
+def section_model(rounds: int, device: torch.device, timer: Timer) -> None:
+    print("\n== 3. Whole model: apply_masks and bake on ResNet-50 (53 convs)")
+    model = resnet50().to(device).eval()
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 53, len(convs)
+
+    def mask_for(name: str, module: nn.Module) -> Tensor | None:
+        if not isinstance(module, nn.Conv2d):
+            return None
+        return cross(module.kernel_size[0], 2).to(device)
+
+    try:
+        from maskparam.model import apply_masks, remove_masks
+
+        def apply_all() -> None:
+            apply_masks(model, mask_for)
+
+        def bake_all() -> None:
+            remove_masks(model, bake=True)
+
+        how = "maskparam.model.apply_masks / remove_masks(bake=True)"
+    except ImportError:  # before maskparam.model existed: the same, layer by layer
+
+        def apply_all() -> None:
+            for name, conv in convs:
+                apply_mask(conv, mask_for(name, conv))
+
+        def bake_all() -> None:
+            for _, conv in convs:
+                remove_mask(conv, bake=True)
+
+        how = "a loop of apply_mask / remove_mask(bake=True)"
+    x = torch.randn(1, 3, 224, 224, device=device)
+    forward = fwd(model, x)
+    forward()
+    apply_times: list[float] = []
+    bake_times: list[float] = []
+    forward_times: list[float] = []
+    for _ in range(rounds):
+        apply_times.append(timer(apply_all))
+        bake_times.append(timer(bake_all))
+        forward_times.append(timer(forward))
+    med = {
+        "apply": statistics.median(apply_times),
+        "bake": statistics.median(bake_times),
+        "forward": statistics.median(forward_times),
+    }
+    print(f"via {how}; medians over {rounds} rounds")
+    for key, values in (("apply", apply_times), ("bake", bake_times)):
+        per = [a / b for a, b in zip(values, forward_times, strict=True)]
+        print(
+            f"{key:6s} {med[key] * 1e3:8.2f} ms  ({med[key] / 53 * 1e6:6.1f} us per conv)  "
+            f"= {statistics.median(per):.3f} x one forward at batch 1, 224x224 "
+            f"({med['forward'] * 1e3:.1f} ms)"
+        )
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (20)")
+    parser.add_argument(
+        "--quick", action="store_true", help="5 rounds and a subset of cases, no memory"
+    )
+    parser.add_argument("--sections", default="1,2,3", help="comma-separated, e.g. 2 or 1,3")
+    parser.add_argument("--cases", default="", help="only cases whose name contains this")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak memory column")
+    args = parser.parse_args(argv)
+
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    device = torch.device(args.device)
+    rounds = 5 if args.quick and args.rounds == 20 else args.rounds
+    timer = Timer(device)
+    sections = {s.strip() for s in args.sections.split(",")}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+    def pick(cases: list[Case]) -> list[Case]:
+        return [c for c in cases if (c.quick or not args.quick) and args.cases in str(c)]
+
+    print(
+        f"maskparam benchmarks: torch {torch.__version__}, {name}, "
+        f"torch.get_num_threads()={torch.get_num_threads()}, rounds={rounds}"
+    )
+    if "1" in sections:
+        section_overhead(pick(OVERHEAD_CASES), rounds, device, timer)
+    if "2" in sections:
+        section_taps(pick(TAP_CASES), rounds, device, timer, not (args.quick or args.no_memory))
+    if "3" in sections:
+        section_model(rounds, device, timer)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,913 @@
+"""Active-tap execution: a masked conv that computes only the taps its mask keeps.
+
+``apply_mask(conv, mask, execution="taps")`` splits the active taps of the mask exactly into
+a few *boxes*: dense blocks of taps, evenly spaced along each axis (a box with spacing 2 is a
+dilated kernel). Each box runs as an ordinary convolution with its slice of the weight, a
+larger dilation and its own padding, in channels-last layout, and the outputs are summed. A
+3x3x3 cross (7 of 27 taps) becomes three boxes, a 5x5x5 ball (33 of 125) four. The result is
+the dense convolution, up to the order of floating-point sums: masked taps are zero in the
+weight, and skipping a zero term changes nothing.
+
+``execution="auto"`` measures, once per input shape, which of three paths is fastest for this
+layer: the dense convolution as it is, the dense convolution in channels-last layout, and the
+boxes. It keeps dense unless another path is clearly faster, so it never picks a slower path
+(up to timing noise). See :class:`TapExecution` for the details and the fallbacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, cast, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "EXECUTIONS",
+    "MAX_BOXES",
+    "Box",
+    "Execution",
+    "TapExecution",
+    "decompose",
+    "prepare",
+    "run_boxes",
+    "spatial_support",
+    "unwatch",
+    "watch",
+]
+
+Execution = Literal["dense", "taps", "auto"]
+"""How a masked conv runs, see :func:`maskparam.apply_mask`."""
+
+EXECUTIONS: tuple[str, ...] = get_args(Execution)
+
+MAX_BOXES = 32
+"""A mask whose active taps need more boxes than this runs dense: too many small convs."""
+
+# "auto" keeps dense unless another path takes at most this fraction of dense's time.
+_AUTO_MARGIN = 0.9
+# "auto" considers the boxes only when they skip at least this fraction of the taps.
+_AUTO_MAX_ACTIVE = 0.75
+_DEVICES = ("cpu", "cuda")
+_CONV: dict[int, Callable[..., Tensor]] = {2: F.conv2d, 3: F.conv3d}
+
+
+# -- decomposition ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Box:
+    """A block of kernel taps: ``count[i]`` taps from ``start[i]``, ``step[i]`` apart.
+
+    Example:
+        >>> box = Box(start=(1, 0), count=(1, 2), step=(1, 2))
+        >>> box.taps()
+        [(1, 0), (1, 2)]
+    """
+
+    start: tuple[int, ...]
+    count: tuple[int, ...]
+    step: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        """The number of taps in the box."""
+        return math.prod(self.count)
+
+    def slices(self) -> tuple[slice, ...]:
+        """One slice per kernel axis that picks the box out of a weight's spatial dims."""
+        return tuple(
+            slice(a, a + (n - 1) * q + 1, q)
+            for a, n, q in zip(self.start, self.count, self.step, strict=True)
+        )
+
+    def taps(self) -> list[tuple[int, ...]]:
+        """The kernel positions the box covers, in row-major order."""
+        axes = [
+            range(a, a + (n - 1) * q + 1, q)
+            for a, n, q in zip(self.start, self.count, self.step, strict=True)
+        ]
+        return list(itertools.product(*axes))
+
+
+def decompose(mask: Tensor, *, max_boxes: int = MAX_BOXES) -> tuple[Box, ...] | None:
+    """Split the True entries of a kernel mask exactly into disjoint :class:`Box` es.
+
+    Greedy: the largest box that fits in the taps not yet covered comes first (ties go to
+    the smallest total spacing, then the first position), until every active tap is covered.
+
+    Args:
+        mask: Bool tensor of the kernel's spatial shape, 1 to 3 dims.
+        max_boxes: Give up (return None) when more boxes than this would be needed.
+
+    Returns:
+        The boxes, largest first; ``()`` for an all-False mask; None past ``max_boxes``, or
+        for a mask too irregular to split in a bounded search (a large random kernel).
+
+    Example:
+        >>> plus = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.bool)
+        >>> [(b.start, b.count, b.step) for b in decompose(plus)]
+        [((0, 1), (3, 1), (1, 1)), ((1, 0), (1, 2), (1, 2))]
+    """
+    shape = tuple(int(k) for k in mask.shape)
+    # The remaining taps as nested lists over all axes but the last, of bitmasks over it.
+    table = _bit_table(mask.detach().to("cpu", torch.bool).tolist(), len(shape))
+    progressions = [_progressions(k) for k in shape]
+    boxes: list[Box] = []
+    budget = [_SEARCH_BUDGET]
+    while _any_bit(table):
+        if len(boxes) == max_boxes:
+            return None
+        try:
+            box = _largest_box(table, shape, progressions, budget)
+        except _OverBudget:
+            return None
+        for tap in box.taps():
+            table = _clear_bit(table, tap)
+        boxes.append(box)
+    return tuple(boxes)
+
+
+# Candidate boxes decompose() may examine in all: a few hundred milliseconds at most, and
+# far more than any mask that gains from the boxes needs.
+_SEARCH_BUDGET = 250_000
+
+
+class _OverBudget(Exception):
+    pass
+
+
+_Table = Any  # int, or a nested list of ints: the remaining taps, one bitmask per last axis
+
+
+def _bit_table(values: Any, nd: int) -> _Table:
+    if nd == 1:
+        return sum(1 << i for i, v in enumerate(values) if v)
+    return [_bit_table(v, nd - 1) for v in values]
+
+
+def _any_bit(table: _Table) -> bool:
+    return bool(table) if isinstance(table, int) else any(_any_bit(t) for t in table)
+
+
+def _max_bits(table: _Table) -> int:
+    if isinstance(table, int):
+        return table.bit_count()
+    return max((_max_bits(t) for t in table), default=0)
+
+
+def _and(a: _Table, b: _Table) -> _Table:
+    return a & b if isinstance(a, int) else [_and(x, y) for x, y in zip(a, b, strict=True)]
+
+
+def _clear_bit(table: _Table, tap: tuple[int, ...]) -> _Table:
+    if len(tap) == 1:
+        return int(table) & ~(1 << tap[0])
+    table = list(table)
+    table[tap[0]] = _clear_bit(table[tap[0]], tap[1:])
+    return table
+
+
+def _progressions(k: int) -> list[tuple[int, int, int]]:
+    """Every ``(start, step, count)`` that fits in ``range(k)``: most taps, then smallest step.
+
+    A single tap has step 1.
+    """
+    out = [(a, 1, 1) for a in range(k)]
+    for a in range(k):
+        for q in range(1, k):
+            for n in range(2, (k - 1 - a) // q + 2):
+                out.append((a, q, n))
+    out.sort(key=lambda p: (-p[2], p[1], p[0]))
+    return out
+
+
+def _largest_box(
+    table: _Table,
+    shape: tuple[int, ...],
+    progressions: list[list[tuple[int, int, int]]],
+    budget: list[int],
+) -> Box:
+    """The largest box inside the remaining taps, ties broken as :func:`decompose` says."""
+    nd = len(shape)
+    best_key: tuple[int, ...] | None = None
+    best: list[tuple[int, int, int]] = []
+
+    def search(dim: int, chosen: list[tuple[int, int, int]], size: int, sub: _Table) -> None:
+        nonlocal best_key, best
+        last = dim == nd - 1
+        # The most taps the axes after this one can add: every row of the next axes, each
+        # with as many taps as the fullest bitmask.
+        cap = 1 if last else math.prod(shape[dim + 1 : nd - 1]) * _max_bits(sub)
+        for a, q, n in progressions[dim]:
+            if best_key is not None and size * n * cap < -best_key[0]:
+                # Progressions come most taps first: none further on can do better.
+                return
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise _OverBudget
+            rows = [sub >> (a + j * q) if last else sub[a + j * q] for j in range(n)]
+            if last:
+                if not all(r & 1 for r in rows):
+                    continue
+                box = [*chosen, (a, q, n)]
+                key = (
+                    -size * n,
+                    sum(p[1] for p in box),
+                    *(p[0] for p in box),
+                    *(p[1] for p in box),
+                )
+                if best_key is None or key < best_key:
+                    best_key, best = key, box
+                continue
+            inner = rows[0]
+            for r in rows[1:]:
+                inner = _and(inner, r)
+            if _any_bit(inner):
+                search(dim + 1, [*chosen, (a, q, n)], size * n, inner)
+
+    search(0, [], 1, table)
+    return Box(
+        start=tuple(p[0] for p in best),
+        count=tuple(p[2] for p in best),
+        step=tuple(p[1] for p in best),
+    )
+
+
+def spatial_support(mask: Tensor, weight_shape: Sequence[int]) -> Tensor:
+    """The kernel positions that are active for at least one channel pair, as a CPU bool.
+
+    Args:
+        mask: A mask that broadcasts to ``weight_shape``.
+        weight_shape: ``(C_out, C_in / groups, *kernel_size)``.
+
+    Returns:
+        A bool tensor of shape ``weight_shape[2:]``, on the CPU.
+
+    Example:
+        >>> per_channel = torch.tensor([[1, 0, 0], [0, 0, 1]], dtype=torch.bool)
+        >>> spatial_support(per_channel.view(2, 1, 3), (2, 4, 3))
+        tensor([ True, False,  True])
+    """
+    full = mask.reshape((1,) * (len(weight_shape) - mask.dim()) + tuple(mask.shape))
+    support = full.any(dim=1).any(dim=0)
+    return support.expand(tuple(weight_shape[2:])).to("cpu", copy=True).contiguous()
+
+
+# -- the stored choice -----------------------------------------------------------------
+
+
+class TapExecution:
+    """What ``apply_mask(..., execution=...)`` records on a conv: the mode and its plan.
+
+    The plan is the :func:`decompose` of the mask's :func:`spatial_support`. It is rebuilt
+    when the mask changes (:func:`~maskparam.set_mask`, ``load_state_dict``, ``.to()``, an
+    in-place edit of the mask buffer), so it never goes stale, and it pickles and
+    deep-copies with the module. Under :func:`torch.compile` the plan is part of the
+    compiled code: ``set_mask`` and ``load_state_dict`` make torch recompile, but an in-place
+    edit of the mask buffer is seen only after the next call outside the compiled code.
+
+    Paths, per forward:
+
+    - ``"taps"``: the boxes, in channels-last layout; input and output keep the layout the
+      dense convolution would give them.
+    - ``"auto"``: the first forward for each input shape, dtype, device, layout and grad
+      mode times dense, dense in channels-last layout, and the boxes (forward, plus
+      backward when gradients are needed), a warm-up and three interleaved rounds each on
+      the actual input, and keeps the fastest; dense unless another takes at most 90% of
+      its time. Under :func:`torch.compile` it uses that cached choice, or dense.
+
+    Cases the boxes do not cover run dense, with a warning when ``"taps"`` was asked for:
+    a mask that needs more than :data:`MAX_BOXES` boxes or has no active tap, another
+    parametrization after the mask, a device other than CPU or CUDA, a dtype that is not
+    floating point.
+
+    Args:
+        mode: ``"taps"`` or ``"auto"``.
+        support: Bool tensor of the kernel's spatial shape, from :func:`spatial_support`.
+
+    Example:
+        >>> plan = TapExecution("taps", torch.tensor([True, False, True]))
+        >>> plan.boxes
+        (Box(start=(0,), count=(2,), step=(2,)),)
+    """
+
+    def __init__(self, mode: str, support: Tensor) -> None:
+        self.mode = mode
+        self._plan(support)
+
+    def _plan(self, support: Tensor) -> None:
+        self.support = support
+        self.boxes = decompose(support)
+        self.reason: str | None = None
+        if self.boxes is None:
+            self.reason = (
+                f"its active taps need more than {MAX_BOXES} boxes, too many small "
+                "convolutions to gain anything"
+            )
+        elif not self.boxes:
+            self.reason = "the mask has no active tap"
+        self._seen: weakref.ref[Tensor] | None = None
+        self._seen_version = -1
+        # "auto": the path chosen per input signature, for use under torch.compile.
+        self._choices: dict[tuple[Any, ...], str] = {}
+
+    def replanned(
+        self, module: nn.Module, mask: Tensor, weight_shape: Sequence[int]
+    ) -> TapExecution:
+        """A plan of the same mode for a new ``mask``; warns as :func:`prepare` does."""
+        plan = TapExecution(self.mode, spatial_support(mask, weight_shape))
+        if plan.reason is not None and self.mode == "taps":
+            _warn_fallback(module, plan.reason, stacklevel=4)
+        return plan
+
+    @property
+    def active_fraction(self) -> float:
+        """Active taps over all taps of the kernel."""
+        return int(self.support.sum()) / max(1, self.support.numel())
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_seen"] = None  # A weak reference neither pickles nor deep-copies.
+        state["_seen_version"] = -1
+        return state
+
+    def __repr__(self) -> str:
+        n = "none" if self.boxes is None else len(self.boxes)
+        return (
+            f"TapExecution(mode={self.mode!r}, active={int(self.support.sum())}/"
+            f"{self.support.numel()}, boxes={n})"
+        )
+
+    def refresh(self, module: nn.Module, mask: Tensor) -> None:
+        """Re-plan if ``mask`` is not the tensor, or version, the plan was checked against."""
+        seen = self._seen() if self._seen is not None else None
+        if seen is mask and self._seen_version == mask._version:
+            return
+        chain = cast(nn.ModuleDict, module.parametrizations)["weight"]
+        weight_shape = cast(Tensor, chain.original).shape
+        support = spatial_support(mask, weight_shape)
+        if not torch.equal(support, self.support):
+            self._plan(support)
+        self._seen = weakref.ref(mask)
+        self._seen_version = mask._version
+
+    def forward(
+        self, module: nn.modules.conv._ConvNd, input: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        """The layer's ``_conv_forward`` under this execution."""
+        dense = type(module).__bases__[0]._conv_forward  # type: ignore[attr-defined]
+        compiling = torch.compiler.is_compiling()
+        reason = _unsupported(module, input, weight)
+        if reason is None and not compiling:
+            self.refresh(module, cast(Tensor, _outermost(module).mask))
+        reason = reason or self.reason
+        if reason is not None:
+            if self.mode == "taps":
+                _warn_fallback(module, reason)
+            out: Tensor = dense(module, input, weight, bias)
+            return out
+        path = "taps" if self.mode == "taps" else self._choose(module, input, weight, bias)
+        return _run(path, module, input, weight, bias, self.boxes or ())
+
+    def _choose(
+        self,
+        module: nn.modules.conv._ConvNd,
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+    ) -> str:
+        needs_grad = torch.is_grad_enabled() and (
+            input.requires_grad
+            or weight.requires_grad
+            or bool(bias is not None and bias.requires_grad)
+        )
+        signature = (
+            tuple(input.shape),
+            input.dtype,
+            input.device,
+            _is_channels_last(input),
+            needs_grad,
+        )
+        if torch.compiler.is_compiling():
+            # No timing inside a trace: the choice eager mode made for this input, or dense.
+            return self._choices.get(signature, "dense")
+        key = (
+            signature,
+            type(module).__name__,
+            tuple(weight.shape),
+            _is_channels_last(weight),
+            bias is not None,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.padding_mode,
+            self.boxes,
+            torch.get_num_threads(),
+        )
+        choice = _DECISIONS.get(key)
+        if choice is None:
+            candidates = ["dense"]
+            batched = input.dim() == len(module.kernel_size) + 2
+            if batched and len(module.kernel_size) >= 2 and not _is_channels_last(input):
+                candidates.append("dense_cl")
+            if self.active_fraction <= _AUTO_MAX_ACTIVE:
+                candidates.append("taps")
+            choice = "dense"
+            if len(candidates) > 1:
+                times = _measure(
+                    candidates, module, input, weight, bias, self.boxes or (), needs_grad
+                )
+                fastest = min(candidates, key=lambda c: times[c])
+                if times[fastest] <= _AUTO_MARGIN * times["dense"]:
+                    choice = fastest
+            _DECISIONS[key] = choice
+        self._choices[signature] = choice
+        return choice
+
+
+_DECISIONS: dict[tuple[Any, ...], str] = {}
+
+
+def watch(module: nn.Module) -> None:
+    """Re-plan ``module`` whenever ``load_state_dict`` runs, which may bring a new mask.
+
+    The forward re-plans too, but not under :func:`torch.compile`, where the plan is part
+    of the compiled code: replacing the plan after a load makes torch recompile.
+    """
+    hooks = module._load_state_dict_post_hooks
+    if not any(hook is _replan_after_load for hook in hooks.values()):
+        module.register_load_state_dict_post_hook(_replan_after_load)  # type: ignore[no-untyped-call]
+
+
+def unwatch(module: nn.Module) -> None:
+    """Undo :func:`watch`."""
+    hooks = module._load_state_dict_post_hooks
+    for key in [k for k, hook in hooks.items() if hook is _replan_after_load]:
+        del hooks[key]
+
+
+def _replan_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    from maskparam._forward import EXECUTION_ATTR
+
+    execution = module.__dict__.get(EXECUTION_ATTR)
+    mask = getattr(_outermost(module), "mask", None)
+    if isinstance(execution, TapExecution) and isinstance(mask, Tensor):
+        execution.refresh(module, mask)
+
+
+def prepare(
+    module: nn.Module, mask: Tensor, name: str, execution: Any, bias_mode: str = "keep"
+) -> TapExecution | None:
+    """Validate ``execution`` for :func:`~maskparam.apply_mask` and plan it; change nothing.
+
+    Args:
+        module: The module about to be masked.
+        mask: Its validated bool mask.
+        name: The parameter being masked.
+        execution: ``"dense"``, ``"taps"`` or ``"auto"``.
+        bias_mode: The ``bias_mode`` it is masked with.
+
+    Returns:
+        What to record on the module, or None when it runs dense.
+
+    Raises:
+        ValueError: If ``execution`` is unknown, or not ``"dense"`` for a ``name`` other
+            than ``"weight"``.
+
+    Warns:
+        UserWarning: If ``execution="taps"`` cannot apply to this module, which runs dense.
+
+    Example:
+        >>> plan = prepare(nn.Conv1d(1, 1, 5), torch.tensor([1, 0, 1, 0, 1]), "weight", "taps")
+        >>> plan
+        TapExecution(mode='taps', active=3/5, boxes=1)
+        >>> prepare(nn.Conv1d(1, 1, 5), torch.ones(5), "weight", "dense") is None
+        True
+    """
+    if not isinstance(execution, str) or execution not in EXECUTIONS:
+        raise ValueError(
+            f"apply_mask expects execution to be one of {list(EXECUTIONS)}. Got {execution!r}."
+        )
+    if execution == "dense":
+        return None
+    if name != "weight":
+        raise ValueError(
+            f"execution={execution!r} changes how a conv computes with its masked weight, so "
+            f"it needs name='weight'. Got name={name!r}; use execution='dense'."
+        )
+    kind = type(module).__name__
+    reason = None
+    if not isinstance(module, nn.modules.conv._ConvNd) or module.transposed:
+        reason = f"it runs Conv1d, Conv2d and Conv3d, not {kind}"
+    elif bias_mode in ("valid", "partial"):
+        reason = f"bias_mode={bias_mode!r} runs its own convolutions"
+    if reason is not None:
+        if execution == "taps":
+            _warn_fallback(module, reason, stacklevel=4)
+        return None
+    weight = getattr(module, name)
+    plan = TapExecution(execution, spatial_support(mask, weight.shape))
+    if plan.reason is not None and execution == "taps":
+        _warn_fallback(module, plan.reason, stacklevel=4)
+    return plan
+
+
+# -- running ---------------------------------------------------------------------------
+
+
+def _warn_fallback(module: nn.Module, reason: str, stacklevel: int = 4) -> None:
+    from torch.nn.utils import parametrize
+
+    kind = parametrize.type_before_parametrizations(module).__name__
+    warnings.warn(
+        f"execution='taps' falls back to the dense convolution for this {kind}: {reason}.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def _outermost(module: nn.Module) -> nn.Module:
+    """The last parametrization of ``module.weight``: the one that gives the weight."""
+    chain = cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)["weight"])
+    last: nn.Module = chain[len(chain) - 1]
+    return last
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
+def _unsupported(module: nn.Module, input: Tensor, weight: Tensor) -> str | None:
+    """Why the boxes cannot run this call, or None."""
+    from maskparam.parametrizations import FixedMask
+
+    if input.device.type not in _DEVICES:
+        return f"it runs on CPU and CUDA, not {input.device.type}"
+    if not input.is_floating_point() or not weight.is_floating_point():
+        return f"it needs floating-point input and weight, got {input.dtype} and {weight.dtype}"
+    if _functorch_active():
+        return "it does not run under torch.func transforms such as vmap and grad"
+    if not isinstance(_outermost(module), FixedMask):
+        return (
+            "another parametrization comes after the mask, so masked taps need not be zero "
+            "in the weight"
+        )
+    return None
+
+
+def _run(
+    path: str,
+    module: nn.modules.conv._ConvNd,
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    boxes: tuple[Box, ...],
+) -> Tensor:
+    dense = type(module).__bases__[0]._conv_forward  # type: ignore[attr-defined]
+    if path == "dense":
+        out: Tensor = dense(module, input, weight, bias)
+        return out
+    if path == "dense_cl":
+        out_cl = _is_channels_last(input) or _is_channels_last(weight)
+        y = dense(module, _relayout(input, True), weight, bias)
+        return _relayout(y, out_cl)
+    return run_boxes(module, input, weight, bias, boxes)
+
+
+class _Geometry(NamedTuple):
+    """A conv's options, per spatial axis, as the boxes need them."""
+
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pad_left: tuple[int, ...]
+    pad_right: tuple[int, ...]
+    groups: int
+
+
+def _geometry(module: nn.modules.conv._ConvNd, lift: bool) -> _Geometry:
+    """The options of ``module``; for 1-D lifted to 2-D (``lift``) with a unit first axis.
+
+    With a padding mode other than zeros, the input is padded before the boxes run, so
+    they see no padding.
+    """
+    nd = len(module.kernel_size)
+    if module.padding_mode != "zeros" or module.padding == "valid":
+        left = right = (0,) * nd
+    elif module.padding == "same":  # an odd total puts the extra zero on the right, as torch
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        left = tuple(t // 2 for t in totals)
+        right = tuple(t - t // 2 for t in totals)
+    else:
+        left = right = tuple(module.padding)  # type: ignore[arg-type]
+    stride, dilation = tuple(module.stride), tuple(module.dilation)
+    if lift:
+        return _Geometry((1, *stride), (1, *dilation), (0, *left), (0, *right), module.groups)
+    return _Geometry(stride, dilation, left, right, module.groups)
+
+
+class _Window(NamedTuple):
+    """Where one box reads its input and how it pads it."""
+
+    padded: bool  # read from the zero-padded input rather than the raw input
+    start: tuple[int, ...]
+    length: tuple[int, ...]
+    padding: tuple[int, ...]  # symmetric padding given to the conv itself
+
+
+def _window(box: Box, geo: _Geometry, in_size: Sequence[int], out_size: Sequence[int]) -> _Window:
+    """The input window and padding that make ``box`` produce exactly ``out_size``.
+
+    Output ``o`` of the dense conv reads raw input ``o * stride - pad_left + tap * dilation``.
+    The box, a kernel of ``count`` taps at dilation ``step * dilation``, reads the same
+    positions from a window that starts ``start * dilation - pad_left`` later. A conv can only
+    pad symmetrically, and padding more than needed (then cropping the output) is slow; so a
+    box uses the raw input when a symmetric padding gives exactly the right output, and
+    otherwise a window of the input padded once, explicitly.
+    """
+    starts, lengths, pads = [], [], []
+    for i, (a, n, q) in enumerate(zip(box.start, box.count, box.step, strict=True)):
+        s, d, pl = geo.stride[i], geo.dilation[i], geo.pad_left[i]
+        size, out = in_size[i], out_size[i]
+        extent = (n - 1) * q * d + 1
+        lp = pl - a * d
+        start, p = (0, lp) if lp >= 0 else (-lp, 0)
+        lo = (out - 1) * s + extent - 2 * p  # window lengths that give `out` outputs
+        hi = lo + s - 1
+        avail = size - start
+        if lo <= avail <= hi:
+            length = avail  # to the end: the conv's right padding is the dense padding
+        elif p <= s - 1 and max(lo, lo + p) <= min(hi, avail):
+            length = lo + p  # cropped, and no read lands in the conv's right padding
+        else:
+            return _padded_window(box, geo, out_size)
+        starts.append(start)
+        lengths.append(length)
+        pads.append(p)
+    return _Window(False, tuple(starts), tuple(lengths), tuple(pads))
+
+
+def _padded_window(box: Box, geo: _Geometry, out_size: Sequence[int]) -> _Window:
+    starts = tuple(a * d for a, d in zip(box.start, geo.dilation, strict=True))
+    lengths = tuple(
+        (out - 1) * s + (n - 1) * q * d + 1
+        for out, s, n, q, d in zip(
+            out_size, geo.stride, box.count, box.step, geo.dilation, strict=True
+        )
+    )
+    return _Window(True, starts, lengths, (0,) * len(starts))
+
+
+def run_boxes(
+    module: nn.modules.conv._ConvNd,
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    boxes: tuple[Box, ...],
+) -> Tensor:
+    """The conv of ``module`` on ``input``, computed box by box.
+
+    ``weight`` must be zero outside the boxes; the result is then the dense convolution.
+
+    Args:
+        module: A Conv1d/2d/3d: its stride, padding, dilation, groups and padding mode.
+        input: ``(N, C_in, *spatial)`` or unbatched ``(C_in, *spatial)``.
+        weight: The masked weight.
+        bias: The bias or None.
+        boxes: From :func:`decompose` of the weight's active taps, at least one.
+
+    Returns:
+        The output, in the layout the dense convolution gives.
+
+    Example:
+        >>> conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+        >>> plus = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.bool)
+        >>> weight = torch.where(plus, torch.ones(1, 1, 3, 3), 0)
+        >>> x = torch.arange(9.0).view(1, 1, 3, 3)
+        >>> run_boxes(conv, x, weight, None, decompose(plus))
+        tensor([[[[ 4.,  7.,  8.],
+                  [13., 20., 19.],
+                  [16., 25., 20.]]]])
+        >>> torch.equal(_, F.conv2d(x, weight, padding=1))
+        True
+    """
+    unbatched = input.dim() == len(module.kernel_size) + 1
+    x = input.unsqueeze(0) if unbatched else input
+    out_cl = _is_channels_last(x) or _is_channels_last(weight)
+    one_d = len(module.kernel_size) == 1
+    w = weight
+    if one_d:  # 1-D runs as 2-D with a height of one, which has a channels-last layout.
+        x = x.unsqueeze(2)
+        w = w.unsqueeze(2)
+    if module.padding_mode != "zeros":
+        pad = module._reversed_padding_repeated_twice
+        x = F.pad(x, [*pad, 0, 0] if one_d else pad, mode=module.padding_mode)
+    x = _relayout(x, True)
+    # Under torch.compile the plain function: tracing needs no cache, and warns about one.
+    plan = _layout.__wrapped__ if torch.compiler.is_compiling() else _layout
+    layout = plan(boxes, _geometry(module, one_d), tuple(x.shape[2:]), tuple(w.shape[2:]), one_d)
+    padded = None if layout.pad is None else F.pad(x, layout.pad)
+    conv = _CONV[x.dim() - 2]
+    y: Tensor | None = None
+    for step in layout.steps:
+        src = padded if step.padded else x
+        assert src is not None
+        part = conv(
+            src if step.input_index is None else src[step.input_index],
+            w[step.weight_index],
+            bias if y is None else None,
+            layout.stride,
+            step.padding,
+            step.dilation,
+            layout.groups,
+        )
+        # The conv backward needs only its inputs, so summing in place is safe for autograd.
+        # Dropping each part before the next conv lets that conv reuse its memory.
+        y = part if y is None else y.add_(part)
+        del part
+    assert y is not None
+    y = _relayout(y, out_cl)
+    if one_d:
+        y = y.squeeze(2)
+    return y.squeeze(0) if unbatched else y
+
+
+class _Step(NamedTuple):
+    """One box's convolution."""
+
+    padded: bool  # reads the explicitly zero-padded input
+    input_index: tuple[slice, ...] | None  # None: all of it (a slice would copy its gradient)
+    weight_index: tuple[slice, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+
+class _Layout(NamedTuple):
+    steps: tuple[_Step, ...]
+    pad: tuple[int, ...] | None  # F.pad of the input that padded steps read, if any
+    stride: tuple[int, ...]
+    groups: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(
+    boxes: tuple[Box, ...],
+    geo: _Geometry,
+    in_size: tuple[int, ...],
+    kernel: tuple[int, ...],
+    lift: bool,
+) -> _Layout:
+    """Where each box reads and how it pads, for one input size (``lift``: 1-D as 2-D)."""
+    if lift:
+        boxes = tuple(Box((0, *b.start), (1, *b.count), (1, *b.step)) for b in boxes)
+    out_size = tuple(
+        (size + pl + pr - d * (k - 1) - 1) // s + 1
+        for size, pl, pr, d, k, s in zip(
+            in_size, geo.pad_left, geo.pad_right, geo.dilation, kernel, geo.stride, strict=True
+        )
+    )
+    everything = (slice(None), slice(None))
+    steps = []
+    for box in boxes:
+        win = _window(box, geo, in_size, out_size)
+        window = tuple(slice(a, a + n) for a, n in zip(win.start, win.length, strict=True))
+        whole = not win.padded and all(
+            a == 0 and n == size for a, n, size in zip(win.start, win.length, in_size, strict=True)
+        )
+        steps.append(
+            _Step(
+                win.padded,
+                None if whole else everything + window,
+                everything + box.slices(),
+                win.padding,
+                tuple(d * q for d, q in zip(geo.dilation, box.step, strict=True)),
+            )
+        )
+    pad = None
+    if any(step.padded for step in steps):
+        pairs = zip(reversed(geo.pad_left), reversed(geo.pad_right), strict=True)
+        pad = tuple(p for pair in pairs for p in pair)
+    return _Layout(tuple(steps), pad, geo.stride, geo.groups)
+
+
+# -- layouts -----------------------------------------------------------------------------
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return fmt is not None and t.is_contiguous(memory_format=fmt) and not t.is_contiguous()
+
+
+def _relayout(t: Tensor, channels_last: bool) -> Tensor:
+    """``t`` in channels-last (or contiguous) layout, with a backward that does the reverse.
+
+    Torch's strided copy from channels-last to contiguous is several times slower than a
+    transpose copied in cache-sized blocks, and autograd would run it for every box.
+    """
+    fmt = _format(t, channels_last)
+    if t.is_contiguous(memory_format=fmt):
+        return t
+    if torch.compiler.is_compiling() or t.dim() not in (4, 5):
+        return t.contiguous(memory_format=fmt)
+    out: Tensor = _Relayout.apply(t, channels_last)  # type: ignore[no-untyped-call]
+    return out
+
+
+def _format(t: Tensor, channels_last: bool) -> torch.memory_format:
+    if not channels_last or t.dim() not in (4, 5):
+        return torch.contiguous_format
+    return torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+
+
+class _Relayout(torch.autograd.Function):
+    # The ctx-first form: a separate setup_context makes every call bind its signature.
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, channels_last: bool) -> Tensor:
+        ctx.input_channels_last = _is_channels_last(t)
+        return _copy_layout(t, channels_last)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _relayout(grad, ctx.input_channels_last), None
+
+
+def _copy_layout(t: Tensor, channels_last: bool) -> Tensor:
+    fmt = _format(t, channels_last)
+    n, c = t.shape[:2]
+    if t.device.type != "cpu" or channels_last or not _is_channels_last(t) or c <= 8:
+        return t.contiguous(memory_format=fmt)
+    # Channels-last to contiguous is, per sample, a (spatial, C) to (C, spatial) transpose.
+    # Torch's strided copy reads a whole column of C-strided values per channel, which
+    # thrashes the cache; going through (N, spatial / 32, C, 32) reads each cache line once
+    # and writes runs of 32 values. The staging buffer is a few MiB at a time: a large
+    # fresh buffer would be mapped from the OS, page by page, on every call.
+    spatial = math.prod(t.shape[2:])
+    src = t.permute(0, *range(2, t.dim()), 1).reshape(n, spatial, c)
+    out = torch.empty((n, c, spatial), dtype=t.dtype, device=t.device)
+    blocks = spatial // _RUN
+    per_chunk = max(1, _STAGE // (n * c * _RUN))
+    for first in range(0, blocks, per_chunk):
+        count = min(per_chunk, blocks - first)
+        lo, hi = first * _RUN, (first + count) * _RUN
+        staged = src[:, lo:hi].view(n, count, _RUN, c).transpose(2, 3).contiguous()
+        out[:, :, lo:hi].view(n, c, count, _RUN).copy_(staged.transpose(1, 2))
+    if blocks * _RUN < spatial:
+        out[:, :, blocks * _RUN :].copy_(src[:, blocks * _RUN :].transpose(1, 2))
+    return out.view(t.shape)
+
+
+_RUN = 32  # spatial positions per run in the channels-last to contiguous copy
+_STAGE = 1 << 20  # elements staged at a time
+
+
+# -- "auto" -------------------------------------------------------------------------------
+
+
+def _measure(
+    candidates: list[str],
+    module: nn.modules.conv._ConvNd,
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    boxes: tuple[Box, ...],
+    backward: bool,
+) -> dict[str, float]:
+    """Seconds per call of each candidate path: the minimum of three interleaved rounds."""
+    cuda = input.device.type == "cuda"
+
+    def once(path: str) -> float:
+        with torch.enable_grad() if backward else torch.no_grad():
+            x = input.detach().requires_grad_(backward and input.requires_grad)
+            w = weight.detach().requires_grad_(backward and weight.requires_grad)
+            b = (
+                None
+                if bias is None
+                else bias.detach().requires_grad_(backward and bias.requires_grad)
+            )
+            if cuda:
+                torch.cuda.synchronize(input.device)
+            start = time.perf_counter()
+            y = _run(path, module, x, w, b, boxes)
+            if backward:
+                y.backward(y.detach())  # type: ignore[no-untyped-call]
+            if cuda:
+                torch.cuda.synchronize(input.device)
+            return time.perf_counter() - start
+
+    for path in candidates:  # warm-up: allocations, and the conv library's first-call setup
+        once(path)
+    times: dict[str, list[float]] = {path: [] for path in candidates}
+    for _ in range(3):
+        for path in candidates:
+            times[path].append(once(path))
+    return {path: min(ts) for path, ts in times.items()}
