@@ -52,3 +52,19 @@ def demo(session: nox.Session) -> None:
     session.install(TORCH, "numpy")  # numpy only keeps torch's import quiet
     session.install(".")
     session.run("python", "-m", "maskparam", "demo")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation offline, warnings as errors, into docs/_build/html."""
+    _install(session, "docs")
+    build = ["-W", "--keep-going", "-b", "html", "docs", "docs/_build/html"]
+    session.run("sphinx-build", *build, *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks (benchmarks/bench.py; pass options after --, e.g. -- --quick)."""
+    session.install(TORCH, "numpy")  # numpy only keeps torch's import quiet
+    session.install(".")
+    session.run("python", "benchmarks/bench.py", *session.posargs)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from maskparam import partial, taps  # they read this module's names only at call time
+
 __all__ = ["ATTRS", "BIAS_MODE_ATTR", "EXECUTION_ATTR", "conv_forward", "needs_override"]
 
 BIAS_MODE_ATTR = "_maskparam_bias_mode"
@@ -31,6 +33,12 @@ def needs_override(module: nn.Module) -> bool:
 
 def conv_forward(self: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``_conv_forward`` of a masked conv whose options change how it runs."""
+    if BIAS_MODE_ATTR in self.__dict__:
+        # Data-dependent bias runs its own convolutions; it takes precedence.
+        return partial.conv_forward(self, input, weight, bias)
+    execution = self.__dict__.get(EXECUTION_ATTR)
+    if isinstance(execution, taps.TapExecution):
+        return execution.forward(self, input, weight, bias)  # type: ignore[arg-type]
     base = type(self).__bases__[0]
     out: Tensor = base._conv_forward(self, input, weight, bias)  # type: ignore[attr-defined]
     return out

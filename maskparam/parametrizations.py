@@ -6,6 +6,7 @@ it, and nothing else. Choosing where to register them is the job of :mod:`maskpa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -22,12 +23,21 @@ class FixedMask(nn.Module):
     The masked value is ``torch.where(mask, X, 0)``, recomputed on every access of the
     parametrized tensor. Because it selects rather than multiplies, an inf or NaN stored at a
     masked entry of the original never reaches the weight, the output or any gradient
-    (``inf * 0`` would be NaN), and the gradient at masked entries is exactly zero, so no
-    optimizer (momentum, Adam, weight decay) can move them.
+    (``inf * 0`` would be NaN), and the gradient at masked entries is exactly zero, so the
+    masked tensor stays exactly zero there whatever the optimizer does.
 
     The mask is a boolean buffer named ``mask``: it is saved in ``state_dict``, moved by
     ``.to(device)`` and stays boolean through ``.half()`` or ``.double()``. It may have any
     shape that broadcasts to the parametrized tensor.
+
+    The stored original is an ordinary parameter, so an optimizer still applies weight
+    decay, and momentum or Adam state from before masking, to its masked entries: harmless
+    for the output, but those entries drift. So the parametrization also keeps ``hidden``:
+    the values the mask hides, taken when the original is stored (at registration, or when
+    ``module.weight = tensor`` is assigned), zero at the kept entries. Removing the mask
+    without baking (:func:`~maskparam.remove_mask` with ``bake=False``) puts them back. It
+    travels with ``state_dict`` as this module's extra state (so DDP, which broadcasts
+    buffers on every step, does not send it), and with ``.to()``, ``deepcopy`` and pickling.
 
     Args:
         mask: Boolean tensor, or numbers that are all 0 or 1. True keeps an entry.
@@ -46,22 +56,51 @@ class FixedMask(nn.Module):
     """
 
     mask: Tensor
+    hidden: Tensor | None
 
     def __init__(self, mask: Any) -> None:
         super().__init__()
-        self.register_buffer("mask", as_bool_mask(mask, type(self).__name__))
+        # A copy: the caller's tensor, perhaps given to many layers, must not alias this one.
+        self.register_buffer("mask", as_bool_mask(mask, type(self).__name__).clone())
+        self.hidden = None  # set by right_inverse when the original is stored
 
     def forward(self, X: Tensor) -> Tensor:
         """Return ``X`` with the entries where ``mask`` is False set to exactly zero."""
         return torch.where(self.mask, X, 0)
 
     def right_inverse(self, X: Tensor) -> Tensor:
-        """Store ``X`` as given, masked entries included, so nothing of it is lost.
+        """Store ``X`` as given, masked entries included, and remember what the mask hides.
 
         The forward masks on every access, so the stored values at masked entries never
-        matter until the mask is removed with ``bake=False``, which gives them back.
+        matter until the mask is removed with ``bake=False``, which gives them back from
+        ``hidden`` even if an optimizer has moved the stored ones since.
         """
+        same_kind = self.hidden is None or (
+            X.dtype == self.hidden.dtype and X.shape == self.hidden.shape
+        )
+        if same_kind:  # else parametrize refuses the assignment: keep what we have.
+            self.hidden = torch.where(self.mask, 0, X.detach())
         return X
+
+    def get_extra_state(self) -> Tensor | None:
+        """``hidden``, saved in ``state_dict`` under ``<prefix>_extra_state``."""
+        return self.hidden
+
+    def set_extra_state(self, state: Any) -> None:
+        """Load ``hidden`` from a ``state_dict``, onto the device of the mask."""
+        if state is not None and not isinstance(state, Tensor):
+            raise TypeError(
+                f"{type(self).__name__} expects its extra state (the values the mask hides) "
+                f"as a tensor or None. Got {type(state).__name__}."
+            )
+        self.hidden = None if state is None else state.detach().to(self.mask.device, copy=True)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FixedMask:
+        # ``hidden`` is a plain attribute, not a buffer: convert and move it like one.
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        if self.hidden is not None:
+            self.hidden = fn(self.hidden)
+        return self
 
     def extra_repr(self) -> str:
         """Shape and active count, shown in the module's repr."""

@@ -671,3 +671,111 @@ def test_motivating_scenario_counts_active_taps_inside_input() -> None:
     assert expected[0, 0, 0] == 6
     for channel in range(8):
         assert torch.equal(out[0, channel], expected)
+
+
+# -- no weight lost: what the mask hides comes back -------------------------------------
+
+
+def _train(module: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, steps: int) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        module(x).square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_bake_false_restores_masked_taps_after_training(
+    make_opt: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+) -> None:
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(2, 2, 5, 5)
+    opt = make_opt(list(conv.parameters()))
+    _train(conv, opt, x, 3)  # optimizer state from before masking, too
+    before_w, before_b = conv.weight.detach().clone(), conv.bias.detach().clone()
+    apply_mask(conv, PLUS, bias_mode="zero")
+    _train(conv, opt, x, 5)
+    stored = conv.parametrizations.weight.original
+    trained_active = stored.detach()[:, :, PLUS].clone()
+    remove_mask(conv, bake=False)
+    assert torch.equal(conv.weight[:, :, ~PLUS], before_w[:, :, ~PLUS])
+    assert torch.equal(conv.weight[:, :, PLUS], trained_active)
+    assert torch.equal(conv.bias, before_b)  # held at zero the whole time: all of it hidden
+    assert conv.weight is stored
+
+
+def test_hidden_values_are_kept_while_the_stored_copy_decays() -> None:
+    conv = nn.Conv1d(1, 1, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[[1.0, 2.0, 3.0]]]))
+    apply_mask(conv, [1, 0, 1])
+    opt = torch.optim.AdamW(conv.parameters(), lr=0.1, weight_decay=0.5)
+    _train(conv, opt, torch.randn(1, 1, 4), 5)
+    stored = conv.parametrizations.weight.original
+    assert stored[0, 0, 1] != 2.0  # weight decay reached the stored copy...
+    assert conv.weight[0, 0, 1] == 0.0  # ...never the weight...
+    assert conv.parametrizations.weight[0].hidden[0, 0, 1] == 2.0  # ...and the value is kept
+
+
+def test_set_mask_brings_back_hidden_values_and_hides_current_ones() -> None:
+    conv = nn.Conv1d(1, 1, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[[1.0, 2.0, 3.0]]]))
+    apply_mask(conv, [1, 0, 1])
+    with torch.no_grad():
+        conv.parametrizations.weight.original.copy_(torch.tensor([[[10.0, -5.0, 30.0]]]))
+    set_mask(conv, [0, 1, 1])  # tap 1 back on with its value 2.0; tap 0 hides 10.0
+    assert torch.equal(conv.weight.detach(), torch.tensor([[[0.0, 2.0, 30.0]]]))
+    set_mask(conv, [1, 1, 1])
+    assert torch.equal(conv.weight.detach(), torch.tensor([[[10.0, 2.0, 30.0]]]))
+
+
+def test_assigning_the_weight_sets_what_is_hidden() -> None:
+    conv = apply_mask(nn.Conv1d(1, 1, 3, bias=False), [1, 0, 1])
+    conv.weight = torch.tensor([[[4.0, 5.0, 6.0]]])
+    remove_mask(conv, bake=False)
+    assert torch.equal(conv.weight.detach(), torch.tensor([[[4.0, 5.0, 6.0]]]))
+
+
+def test_failed_weight_assignment_keeps_hidden_values() -> None:
+    conv = nn.Conv1d(1, 1, 3, bias=False)
+    before = conv.weight.detach().clone()
+    apply_mask(conv, [1, 0, 1])
+    with pytest.raises(ValueError, match="dtype"):
+        conv.weight = torch.ones(1, 1, 3, dtype=torch.float64)
+    remove_mask(conv, bake=False)
+    assert torch.equal(conv.weight, before)
+
+
+def test_hidden_values_follow_dtype_device_copy_and_state_dict() -> None:
+    conv = nn.Conv2d(1, 2, 3)
+    before = conv.weight.detach().clone()
+    apply_mask(conv, PLUS)
+    conv.double()
+    assert conv.parametrizations.weight[0].hidden.dtype == torch.float64
+    twin = copy.deepcopy(conv)
+    other = apply_mask(nn.Conv2d(1, 2, 3).double(), PLUS)
+    other.load_state_dict(conv.state_dict(), strict=True)
+    for module in (conv, twin, other):
+        with torch.no_grad():
+            module.parametrizations.weight.original.mul_(0)
+        remove_mask(module, bake=False)
+        assert torch.equal(module.weight[:, :, ~PLUS], before.double()[:, :, ~PLUS])
+
+
+def test_extra_state_must_be_a_tensor() -> None:
+    conv = apply_mask(nn.Conv2d(1, 1, 3), PLUS)
+    state = conv.state_dict()
+    state["parametrizations.weight.0._extra_state"] = "not a tensor"
+    with pytest.raises(TypeError, match="values the mask hides"):
+        conv.load_state_dict(state)
+
+
+def test_plain_checkpoint_values_come_back_on_bake_false() -> None:
+    pretrained = nn.Conv2d(1, 2, 3)
+    conv = apply_mask(nn.Conv2d(1, 2, 3), PLUS, bias_mode="zero")
+    conv.load_state_dict(pretrained.state_dict(), strict=True)
+    with torch.no_grad():
+        conv.parametrizations.weight.original.mul_(0.5)  # as weight decay would
+    remove_mask(conv, bake=False)
+    assert torch.equal(conv.weight[:, :, ~PLUS], pretrained.weight[:, :, ~PLUS])
+    assert torch.equal(conv.bias, pretrained.bias)
