@@ -702,6 +702,21 @@ def random(
 # -- text form ------------------------------------------------------------------------------
 
 
+def _as_drawable(mask: Any, caller: str, verb: str) -> Tensor:
+    """``mask`` as a bool tensor of 1 to 3 non-empty dims, the masks text and pictures show."""
+    out = _checks.as_bool_mask(mask, caller)
+    if not 1 <= out.dim() <= 3:
+        raise ValueError(
+            f"{caller} {verb} masks of 1 to 3 dims; index a larger one down first "
+            f"(for example mask[out, in]). Got shape={tuple(out.shape)}."
+        )
+    if out.numel() == 0:
+        raise ValueError(
+            f"{caller} expects every size to be at least 1. Got shape={tuple(out.shape)}."
+        )
+    return out
+
+
 def to_text(mask: Tensor | Any) -> str:
     """Write a 1-D, 2-D or 3-D mask as text: ``#`` for an active tap, ``.`` for one off.
 
@@ -734,16 +749,7 @@ def to_text(mask: Tensor | Any) -> str:
         ###
         .#.
     """
-    mask = _checks.as_bool_mask(mask, "to_text")
-    if not 1 <= mask.dim() <= 3:
-        raise ValueError(
-            "to_text writes masks of 1 to 3 dims; index a larger one down first "
-            f"(for example mask[out, in]). Got shape={tuple(mask.shape)}."
-        )
-    if mask.numel() == 0:
-        raise ValueError(
-            f"to_text expects every size to be at least 1. Got shape={tuple(mask.shape)}."
-        )
+    mask = _as_drawable(mask, "to_text", "writes")
     cube = mask.cpu().reshape((1,) * (3 - mask.dim()) + tuple(mask.shape))
     slices = [
         "\n".join("".join(_ON if on else _OFF for on in row) for row in plane.tolist())

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from maskparam import _checks
+from maskparam.masks import _as_drawable
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -59,16 +59,7 @@ def plot_mask(mask: Tensor | Any, ax: Axes | None = None) -> Figure:
         >>> plot_mask(cross(3, ndim=3), ax=fig.add_subplot()) is fig
         True
     """
-    mask = _checks.as_bool_mask(mask, "plot_mask")
-    if not 1 <= mask.dim() <= 3:
-        raise ValueError(
-            "plot_mask draws masks of 1 to 3 dims; index a larger one down first "
-            f"(for example mask[out, in]). Got shape={tuple(mask.shape)}."
-        )
-    if mask.numel() == 0:
-        raise ValueError(
-            f"plot_mask expects every size to be at least 1. Got shape={tuple(mask.shape)}."
-        )
+    mask = _as_drawable(mask, "plot_mask", "draws")
     try:
         from matplotlib.collections import PatchCollection
         from matplotlib.patches import Circle, Rectangle
