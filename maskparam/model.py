@@ -68,10 +68,10 @@ def apply_masks(
         UserWarning: If a mask switches every tap of a layer off; the message names it.
 
     Raises:
-        TypeError: If ``model`` is not a module, a dict key is not a str, ``include`` holds
-            something other than module types and str patterns, or ``include`` is given
-            with a dict or a callable.
-        ValueError: If a dict names a module that does not exist or names one module
+        TypeError: If ``model`` is not a module, a dict key is not a str, or ``include``
+            holds something other than module types and str patterns.
+        ValueError: If ``include`` is given with a dict or a callable, or missing with a
+            single mask, if a dict names a module that does not exist or names one module
             twice, if nothing is selected, or if any selected layer cannot take its mask
             (the message names it; see :func:`~maskparam.apply_mask`).
 
@@ -320,7 +320,7 @@ def _plan(
     """The (name, module, mask) triples that ``masks`` and ``include`` ask for; checks them."""
     if isinstance(masks, Mapping) or callable(masks):
         if include is not None:
-            raise TypeError(
+            raise ValueError(
                 "apply_masks takes include only with a single mask: a dict names its layers "
                 f"and a callable picks them. Got include={include!r} with a "
                 f"{'dict' if isinstance(masks, Mapping) else 'callable'}."
@@ -330,7 +330,7 @@ def _plan(
             return [(name, module, mask) for name, module, mask in picked if mask is not None]
         return _from_dict(model, masks)
     if include is None:
-        raise TypeError(
+        raise ValueError(
             "apply_masks with a single mask needs include= to say which layers get it: layer "
             "types, name patterns, or both (for example include=nn.Conv2d). Got include=None."
         )

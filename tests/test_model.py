@@ -288,13 +288,13 @@ def test_exception_non_str_key(net: Net) -> None:
 @pytest.mark.parametrize("form", ["dict", "callable"])
 def test_exception_include_only_with_a_single_mask(net: Net, form: str) -> None:
     masks = {"stem": PLUS} if form == "dict" else (lambda name, module: None)
-    with pytest.raises(TypeError, match=f"include only with a single mask.*with a {form}"):
+    with pytest.raises(ValueError, match=f"include only with a single mask.*with a {form}"):
         apply_masks(net, masks, include=nn.Conv2d)
     assert masked_names(net) == []
 
 
 def test_exception_single_mask_needs_include(net: Net) -> None:
-    with pytest.raises(TypeError, match=r"needs include= .*Got include=None"):
+    with pytest.raises(ValueError, match=r"needs include= .*Got include=None"):
         apply_masks(net, PLUS)
 
 
