@@ -40,6 +40,7 @@ from torch.nn.utils import parametrize, prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from maskparam._taps_kernels import SCRATCH
 from maskparam.apply import apply_mask, remove_mask
 
 Fn = Callable[[], object]
@@ -153,6 +154,9 @@ def silenced() -> Iterator[None]:
 def peak_bytes(fn: Fn, device: torch.device) -> int:
     """The most tensor memory held at once while ``fn`` runs, beyond what existed before."""
     fn()  # warm: first-call allocations are not the steady state
+    # The taps path keeps its scratch buffers from call to call: empty them, so that the
+    # measured call allocates, and counts, the ones it uses.
+    SCRATCH.clear()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -167,12 +171,23 @@ def peak_bytes(fn: Fn, device: torch.device) -> int:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         events = json.loads(Path(path).read_text())["traceEvents"]
-    totals = [
-        e["args"]["Total Allocated"]
-        for e in events
-        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
-    ]
-    return max([0, *totals])
+    memory = sorted(
+        (e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
+        key=lambda e: e["ts"],
+    )
+    # The most held at once of what the call allocates itself. Its "Total Allocated" would
+    # also count blocks from earlier sessions, freed outside any, that never leave it.
+    alive: dict[int, int] = {}
+    held = peak = 0
+    for event in memory:
+        size, addr = event["args"]["Bytes"], event["args"]["Addr"]
+        if size > 0:
+            alive[addr] = size
+            held += size
+        elif addr in alive:
+            held -= alive.pop(addr)
+        peak = max(peak, held)
+    return peak
 
 
 def fwd_bwd(layer: nn.Module, x: Tensor, grad: Tensor) -> Fn:

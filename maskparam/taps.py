@@ -8,6 +8,12 @@ larger dilation and its own padding, in channels-last layout, and the outputs ar
 the dense convolution, up to the order of floating-point sums: masked taps are zero in the
 weight, and skipping a zero term changes nothing.
 
+On the CPU, each box adds its convolution into the sum as the conv library writes it, a 3-D
+box one tap deep (or one tap high and wide) runs as a 2-D convolution of a view of the input,
+and a hand-written backward sums the input gradients the same way. Elsewhere (CUDA,
+:func:`torch.compile`, forward-mode AD, a double backward) the boxes run as ordinary
+differentiable torch operations.
+
 ``execution="auto"`` measures, once per input shape, which of three paths is fastest for this
 layer: the dense convolution as it is, the dense convolution in channels-last layout, and the
 boxes. It keeps dense unless another path is clearly faster, so it never picks a slower path
@@ -22,13 +28,25 @@ import math
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, cast, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from maskparam._taps_kernels import (
+    CONV,
+    SCRATCH,
+    Fold,
+    FusedBoxes,
+    Layout,
+    Step,
+    copy_layout,
+    is_channels_last,
+    memory_format,
+)
 
 __all__ = [
     "EXECUTIONS",
@@ -37,6 +55,7 @@ __all__ = [
     "Execution",
     "TapExecution",
     "decompose",
+    "empty_cache",
     "prepare",
     "run_boxes",
     "spatial_support",
@@ -57,7 +76,6 @@ _AUTO_MARGIN = 0.9
 # "auto" considers the boxes only when they skip at least this fraction of the taps.
 _AUTO_MAX_ACTIVE = 0.75
 _DEVICES = ("cpu", "cuda")
-_CONV: dict[int, Callable[..., Tensor]] = {2: F.conv2d, 3: F.conv3d}
 
 
 # -- decomposition ---------------------------------------------------------------------
@@ -278,7 +296,10 @@ class TapExecution:
     Paths, per forward:
 
     - ``"taps"``: the boxes, in channels-last layout; input and output keep the layout the
-      dense convolution would give them.
+      dense convolution would give them. On the CPU, the temporaries that change layout
+      (a few, each the size of the input or the output) are buffers kept for the next call,
+      as writing to freshly allocated large buffers costs page faults; ``empty_cache()``
+      frees them.
     - ``"auto"``: the first forward for each input shape, dtype, device, layout and grad
       mode times dense, dense in channels-last layout, and the boxes (forward, plus
       backward when gradients are needed), a warm-up and three interleaved rounds each on
@@ -394,7 +415,7 @@ class TapExecution:
             tuple(input.shape),
             input.dtype,
             input.device,
-            _is_channels_last(input),
+            is_channels_last(input),
             needs_grad,
         )
         if torch.compiler.is_compiling():
@@ -404,7 +425,7 @@ class TapExecution:
             signature,
             type(module).__name__,
             tuple(weight.shape),
-            _is_channels_last(weight),
+            is_channels_last(weight),
             bias is not None,
             module.stride,
             module.padding,
@@ -418,7 +439,7 @@ class TapExecution:
         if choice is None:
             candidates = ["dense"]
             batched = input.dim() == len(module.kernel_size) + 2
-            if batched and len(module.kernel_size) >= 2 and not _is_channels_last(input):
+            if batched and len(module.kernel_size) >= 2 and not is_channels_last(input):
                 candidates.append("dense_cl")
             if self.active_fraction <= _AUTO_MAX_ACTIVE:
                 candidates.append("taps")
@@ -454,6 +475,25 @@ def unwatch(module: nn.Module) -> None:
     hooks = module._load_state_dict_post_hooks
     for key in [k for k, hook in hooks.items() if hook is _replan_after_load]:
         del hooks[key]
+
+
+def empty_cache() -> None:
+    """Free the buffers that ``execution="taps"`` keeps between calls on the CPU.
+
+    With an input or gradient that is not channels-last, the taps path needs a few
+    temporaries the size of a layer's input or output. It keeps the largest few (at most
+    six) for the next call, because writing to freshly allocated large buffers costs a page
+    fault every 4 KiB. They are freed by this, or taken up again by the next call.
+
+    Example:
+        >>> from maskparam.apply import apply_mask
+        >>> from maskparam.masks import cross
+        >>> conv = apply_mask(nn.Conv3d(16, 16, 3, padding=1), cross(3, ndim=3), execution="taps")
+        >>> conv(torch.randn(1, 16, 8, 8, 8)).shape
+        torch.Size([1, 16, 8, 8, 8])
+        >>> empty_cache()
+    """
+    SCRATCH.clear()
 
 
 def _replan_after_load(module: nn.Module, incompatible_keys: Any) -> None:
@@ -579,7 +619,7 @@ def _run(
         out: Tensor = dense(module, input, weight, bias)
         return out
     if path == "dense_cl":
-        out_cl = _is_channels_last(input) or _is_channels_last(weight)
+        out_cl = is_channels_last(input) or is_channels_last(weight)
         y = dense(module, _relayout(input, True), weight, bias)
         return _relayout(y, out_cl)
     return run_boxes(module, input, weight, bias, boxes)
@@ -703,7 +743,6 @@ def run_boxes(
     """
     unbatched = input.dim() == len(module.kernel_size) + 1
     x = input.unsqueeze(0) if unbatched else input
-    out_cl = _is_channels_last(x) or _is_channels_last(weight)
     one_d = len(module.kernel_size) == 1
     w = weight
     if one_d:  # 1-D runs as 2-D with a height of one, which has a channels-last layout.
@@ -712,12 +751,34 @@ def run_boxes(
     if module.padding_mode != "zeros":
         pad = module._reversed_padding_repeated_twice
         x = F.pad(x, [*pad, 0, 0] if one_d else pad, mode=module.padding_mode)
-    x = _relayout(x, True)
+    # The layout the dense convolution gives: it sees the input after a padding mode's pad.
+    out_cl = not one_d and (is_channels_last(x) or is_channels_last(weight))
     # Under torch.compile the plain function: tracing needs no cache, and warns about one.
-    plan = _layout.__wrapped__ if torch.compiler.is_compiling() else _layout
+    compiling = torch.compiler.is_compiling()
+    plan = _layout.__wrapped__ if compiling else _layout
     layout = plan(boxes, _geometry(module, one_d), tuple(x.shape[2:]), tuple(w.shape[2:]), one_d)
+    if x.device.type == "cpu" and not compiling and _forward_ad_level() < 0:
+        y: Tensor = FusedBoxes.apply(x, w, bias, layout, out_cl, _composite)  # type: ignore[no-untyped-call]
+    else:
+        y = _composite(x, w, bias, layout, out_cl)
+    if one_d:
+        y = y.squeeze(2)
+    return y.squeeze(0) if unbatched else y
+
+
+def _composite(x: Tensor, w: Tensor, bias: Tensor | None, layout: Layout, out_cl: bool) -> Tensor:
+    """The boxes as ordinary differentiable torch operations (any device, torch.compile).
+
+    Args:
+        x: Batched input, padded already for a padding mode other than zeros.
+        w: The masked weight (1-D lifted to 2-D, like ``x``).
+        bias: The bias or None.
+        layout: From :func:`_layout`.
+        out_cl: Whether the output is channels-last.
+    """
+    x = _relayout(x, True)
     padded = None if layout.pad is None else F.pad(x, layout.pad)
-    conv = _CONV[x.dim() - 2]
+    conv = CONV[x.dim() - 2]
     y: Tensor | None = None
     for step in layout.steps:
         src = padded if step.padded else x
@@ -736,27 +797,13 @@ def run_boxes(
         y = part if y is None else y.add_(part)
         del part
     assert y is not None
-    y = _relayout(y, out_cl)
-    if one_d:
-        y = y.squeeze(2)
-    return y.squeeze(0) if unbatched else y
+    return _relayout(y, out_cl)
 
 
-class _Step(NamedTuple):
-    """One box's convolution."""
-
-    padded: bool  # reads the explicitly zero-padded input
-    input_index: tuple[slice, ...] | None  # None: all of it (a slice would copy its gradient)
-    weight_index: tuple[slice, ...]
-    padding: tuple[int, ...]
-    dilation: tuple[int, ...]
-
-
-class _Layout(NamedTuple):
-    steps: tuple[_Step, ...]
-    pad: tuple[int, ...] | None  # F.pad of the input that padded steps read, if any
-    stride: tuple[int, ...]
-    groups: int
+def _forward_ad_level() -> int:
+    """The innermost forward-mode AD level, -1 outside ``torch.autograd.forward_ad``."""
+    level: int = getattr(torch.autograd.forward_ad, "_current_level", -1)
+    return level
 
 
 @functools.lru_cache(maxsize=1024)
@@ -766,7 +813,7 @@ def _layout(
     in_size: tuple[int, ...],
     kernel: tuple[int, ...],
     lift: bool,
-) -> _Layout:
+) -> Layout:
     """Where each box reads and how it pads, for one input size (``lift``: 1-D as 2-D)."""
     if lift:
         boxes = tuple(Box((0, *b.start), (1, *b.count), (1, *b.step)) for b in boxes)
@@ -777,97 +824,88 @@ def _layout(
         )
     )
     everything = (slice(None), slice(None))
+    padded_size = tuple(
+        size + pl + pr for size, pl, pr in zip(in_size, geo.pad_left, geo.pad_right, strict=True)
+    )
     steps = []
     for box in boxes:
         win = _window(box, geo, in_size, out_size)
         window = tuple(slice(a, a + n) for a, n in zip(win.start, win.length, strict=True))
+        source = padded_size if win.padded else in_size
         whole = not win.padded and all(
             a == 0 and n == size for a, n, size in zip(win.start, win.length, in_size, strict=True)
         )
+        dilation = tuple(d * q for d, q in zip(geo.dilation, box.step, strict=True))
         steps.append(
-            _Step(
+            Step(
                 win.padded,
                 None if whole else everything + window,
                 everything + box.slices(),
                 win.padding,
-                tuple(d * q for d, q in zip(geo.dilation, box.step, strict=True)),
+                dilation,
+                _fold(box, win, source, geo.stride, dilation) if len(in_size) == 3 else None,
             )
         )
     pad = None
     if any(step.padded for step in steps):
         pairs = zip(reversed(geo.pad_left), reversed(geo.pad_right), strict=True)
         pad = tuple(p for pair in pairs for p in pair)
-    return _Layout(tuple(steps), pad, geo.stride, geo.groups)
+    return Layout(tuple(steps), pad, geo.stride, geo.groups, out_size)
+
+
+def _fold(
+    box: Box,
+    win: _Window,
+    source: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> Fold | None:
+    """How a 3-D box can run as a 2-D convolution on a view of its source, if it can."""
+
+    def full(axis: int) -> bool:  # one tap, unit stride, no padding, the whole source axis
+        return (
+            box.count[axis] == 1
+            and stride[axis] == 1
+            and win.padding[axis] == 0
+            and win.start[axis] == 0
+            and win.length[axis] == source[axis]
+        )
+
+    if full(0):
+        return Fold("depth", stride[1:], win.padding[1:], dilation[1:])  # type: ignore[arg-type]
+    if full(1) and full(2):
+        return Fold("plane", (stride[0], 1), (win.padding[0], 0), (dilation[0], 1))
+    return None
 
 
 # -- layouts -----------------------------------------------------------------------------
 
 
-def _is_channels_last(t: Tensor) -> bool:
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    return fmt is not None and t.is_contiguous(memory_format=fmt) and not t.is_contiguous()
-
-
 def _relayout(t: Tensor, channels_last: bool) -> Tensor:
     """``t`` in channels-last (or contiguous) layout, with a backward that does the reverse.
 
-    Torch's strided copy from channels-last to contiguous is several times slower than a
-    transpose copied in cache-sized blocks, and autograd would run it for every box.
+    Torch's strided copy from channels-last to contiguous is several times slower than
+    :func:`~maskparam._taps_kernels.copy_layout`, and autograd would run it for every box.
     """
-    fmt = _format(t, channels_last)
-    if t.is_contiguous(memory_format=fmt):
+    if t.is_contiguous(memory_format=memory_format(t, channels_last)):
         return t
-    if torch.compiler.is_compiling() or t.dim() not in (4, 5):
-        return t.contiguous(memory_format=fmt)
+    if torch.compiler.is_compiling() or t.dim() not in (4, 5) or _forward_ad_level() >= 0:
+        # Tracing needs no faster copy; forward-mode AD needs ops with a forward derivative.
+        return t.contiguous(memory_format=memory_format(t, channels_last))
     out: Tensor = _Relayout.apply(t, channels_last)  # type: ignore[no-untyped-call]
     return out
-
-
-def _format(t: Tensor, channels_last: bool) -> torch.memory_format:
-    if not channels_last or t.dim() not in (4, 5):
-        return torch.contiguous_format
-    return torch.channels_last if t.dim() == 4 else torch.channels_last_3d
 
 
 class _Relayout(torch.autograd.Function):
     # The ctx-first form: a separate setup_context makes every call bind its signature.
     @staticmethod
     def forward(ctx: Any, t: Tensor, channels_last: bool) -> Tensor:
-        ctx.input_channels_last = _is_channels_last(t)
-        return _copy_layout(t, channels_last)
+        ctx.input_channels_last = is_channels_last(t)
+        return copy_layout(t, channels_last)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return _relayout(grad, ctx.input_channels_last), None
-
-
-def _copy_layout(t: Tensor, channels_last: bool) -> Tensor:
-    fmt = _format(t, channels_last)
-    n, c = t.shape[:2]
-    if t.device.type != "cpu" or channels_last or not _is_channels_last(t) or c <= 8:
-        return t.contiguous(memory_format=fmt)
-    # Channels-last to contiguous is, per sample, a (spatial, C) to (C, spatial) transpose.
-    # Torch's strided copy reads a whole column of C-strided values per channel, which
-    # thrashes the cache; going through (N, spatial / 32, C, 32) reads each cache line once
-    # and writes runs of 32 values. The staging buffer is a few MiB at a time: a large
-    # fresh buffer would be mapped from the OS, page by page, on every call.
-    spatial = math.prod(t.shape[2:])
-    src = t.permute(0, *range(2, t.dim()), 1).reshape(n, spatial, c)
-    out = torch.empty((n, c, spatial), dtype=t.dtype, device=t.device)
-    blocks = spatial // _RUN
-    per_chunk = max(1, _STAGE // (n * c * _RUN))
-    for first in range(0, blocks, per_chunk):
-        count = min(per_chunk, blocks - first)
-        lo, hi = first * _RUN, (first + count) * _RUN
-        staged = src[:, lo:hi].view(n, count, _RUN, c).transpose(2, 3).contiguous()
-        out[:, :, lo:hi].view(n, c, count, _RUN).copy_(staged.transpose(1, 2))
-    if blocks * _RUN < spatial:
-        out[:, :, blocks * _RUN :].copy_(src[:, blocks * _RUN :].transpose(1, 2))
-    return out.view(t.shape)
-
-
-_RUN = 32  # spatial positions per run in the channels-last to contiguous copy
-_STAGE = 1 << 20  # elements staged at a time
 
 
 # -- "auto" -------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
 from maskparam import _forward, taps
+from maskparam._taps_kernels import Scratch
 from maskparam.apply import apply_mask, remove_mask, set_mask
 from maskparam.taps import Box, TapExecution, decompose, spatial_support
 from tests.strategies import (
@@ -305,6 +307,178 @@ def test_stays_masked_and_matches_dense_through_training() -> None:
             opt.step()
     torch.testing.assert_close(tapped.weight, dense.weight, rtol=1e-9, atol=1e-9)
     assert (tapped.weight[:, :, ~cross3d()] == 0).all()
+
+
+# -- 2b. the fused CPU path ------------------------------------------------------------------
+
+
+def run_some(layer: nn.Module, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+    """Output, and the gradients in ``wanted`` (input, weight, bias) with the rest frozen."""
+    x = x.detach().clone().requires_grad_("input" in wanted)
+    weight = layer.parametrizations.weight.original
+    weight.requires_grad_("weight" in wanted)
+    if layer.bias is not None:
+        layer.bias.requires_grad_("bias" in wanted)
+    layer.zero_grad(set_to_none=True)
+    out = layer(x)
+    result = {"out": out.detach()}
+    if out.requires_grad:
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+        out.backward(grad)
+        result |= {"input": x.grad, "weight": weight.grad}
+        if layer.bias is not None:
+            result["bias"] = layer.bias.grad
+    return result
+
+
+def layouts(t: torch.Tensor) -> tuple[bool, bool]:
+    """Whether ``t`` is contiguous, and whether it is channels-last."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return t.is_contiguous(), fmt is not None and t.is_contiguous(memory_format=fmt)
+
+
+@given(
+    case=conv_cases(transposed=False, dtype=torch.float32)
+    | string_padding_conv_cases(dtype=torch.float32),
+    data=st.data(),
+)
+def test_fused_path_matches_dense_in_float32(case: ConvCase, data: st.DataObject) -> None:
+    # float32 on the CPU adds each box into the sum inside the conv library, and takes the
+    # input gradients from transposed convolutions: every option, any set of gradients.
+    layer, x = case.layer, case.x
+    shape = tuple(layer.weight.shape)
+    mask = data.draw(
+        sparse_kernel_masks(kernel_size=shape[2:])
+        | masks_for(shape=shape, spatial_dims=x.dim() - 2)
+    )
+    x = with_layout(x, data.draw(st.sampled_from(["contiguous", "channels_last", "unbatched"])))
+    wanted = data.draw(st.sets(st.sampled_from(["input", "weight", "bias"])))
+    dense, tapped = twins(layer, mask, "taps")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # an all-zero mask runs dense
+        expected, got = run_some(dense, x, wanted), run_some(tapped, x, wanted)
+    assert_same(expected, got, rtol=1e-4, atol=1e-4)
+    for key in ("out", "input"):
+        # The layout dense gives a tensor with a size-1 dim depends on the conv backend.
+        if got.get(key) is not None and min(got[key].shape) > 1:
+            assert layouts(got[key]) == layouts(expected[key])
+
+
+def test_3d_boxes_run_as_2d_convolutions_of_views() -> None:
+    # The ball's center cube stays 3-D; its pairs along the depth run over (D, H * W) and
+    # those in the plane over the N * D planes, both free views of channels-last input.
+    layer = nn.Conv3d(2, 3, 5, padding=2)
+    apply_mask(layer, ball(2), execution="taps")
+    boxes = layer.__dict__[_forward.EXECUTION_ATTR].boxes
+    layout = taps._layout(boxes, taps._geometry(layer, False), (6, 7, 8), (5, 5, 5), False)
+    assert [step.fold and step.fold.kind for step in layout.steps] == [
+        None,
+        "plane",
+        "depth",
+        "depth",
+    ]
+    assert layout.steps[1].fold.dilation == (4, 1)
+
+
+def test_gradcheck_and_gradgradcheck_3d_folds() -> None:
+    layer = nn.Conv3d(2, 2, 5, padding=2).double()
+    apply_mask(layer, ball(2), execution="taps")
+    boxes = layer.__dict__[_forward.EXECUTION_ATTR].boxes
+
+    def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return taps.run_boxes(layer, x, torch.where(ball(2), w, 0), b, boxes)
+
+    x = torch.randn(2, 2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, 5, 5, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_taps_that_only_meet_the_padding(dtype: torch.dtype) -> None:
+    # One plane deep: the ball's taps two planes away read nothing but zero padding.
+    dense, tapped = twins(nn.Conv3d(3, 4, 5, padding=2).to(dtype), ball(2), "taps")
+    x = torch.randn(2, 3, 1, 6, 5, dtype=dtype)
+    expected, got = run(dense, x), run(tapped, x)
+    assert_same(expected, got, rtol=1e-5, atol=1e-5)
+    assert (got["weight"][:, :, [0, 4]] == 0).all()
+
+
+def test_backward_twice_with_retain_graph() -> None:
+    # The second backward must find its saved tensors intact, although other calls have
+    # taken the scratch buffers in between.
+    dense, tapped = twins(nn.Conv3d(4, 6, 3, padding=1), cross3d(), "taps")
+    x = torch.randn(2, 4, 6, 5, 7, requires_grad=True)
+    out = tapped(x)
+    grad = torch.randn_like(out)
+    weight = tapped.parametrizations.weight.original
+    first = torch.autograd.grad(out, [x, weight], grad, retain_graph=True)
+    tapped(torch.randn(2, 4, 6, 5, 7, requires_grad=True)).sum().backward()
+    second = torch.autograd.grad(out, [x, weight], grad)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    expected = torch.autograd.grad(dense(x), [x, dense.parametrizations.weight.original], grad)
+    for a, b in zip(expected, first, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_mode_then_training() -> None:
+    # Scratch buffers made under inference mode are plain tensors, written in place later.
+    dense, tapped = twins(nn.Conv3d(4, 6, 3, padding=1), cross3d(), "taps")
+    x = torch.randn(2, 4, 6, 6, 6)
+    with torch.inference_mode():
+        torch.testing.assert_close(tapped(x), dense(x))
+    assert_same(run(dense, x), run(tapped, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script, inside torch
+def test_forward_mode_ad_matches_dense() -> None:
+    dense, tapped = twins(nn.Conv3d(2, 3, 3, padding=1), cross3d(), "taps")
+    x, tangent = torch.randn(2, 2, 5, 5, 5), torch.randn(2, 2, 5, 5, 5)
+    with fwAD.dual_level():
+        expected, got = (fwAD.unpack_dual(m(fwAD.make_dual(x, tangent))) for m in (dense, tapped))
+    torch.testing.assert_close(got.primal, expected.primal)
+    torch.testing.assert_close(got.tangent, expected.tangent)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_without_the_conv_library() -> None:
+    dense, tapped = twins(nn.Conv3d(4, 6, 3, padding=1), cross3d(), "taps")
+    x = torch.randn(2, 4, 6, 6, 6)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert_same(run(dense, x), run(tapped, x), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_cache_frees_the_kept_buffers() -> None:
+    _, tapped = twins(nn.Conv3d(16, 16, 3, padding=1), cross3d(), "taps")
+    tapped(torch.randn(1, 16, 6, 6, 6)).sum().backward()  # contiguous: takes scratch buffers
+    assert taps.SCRATCH._free
+    taps.empty_cache()
+    assert not taps.SCRATCH._free
+
+
+def test_scratch_buffers_are_never_shared_and_kept_bounded() -> None:
+    scratch = Scratch(keep=2)
+    a = scratch.take((2, 3, 4, 5), torch.float32, channels_last=True)
+    b = scratch.take((2, 3, 4, 5), torch.float32, channels_last=True)
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    assert a.shape == (2, 3, 4, 5)
+    assert a.data_ptr() != b.data_ptr()
+    scratch.give(a, None, b)
+    c = scratch.take((7, 11), torch.float32, channels_last=False)  # fits in either
+    assert c.is_contiguous()
+    assert c.data_ptr() in (a.data_ptr(), b.data_ptr())
+    assert scratch.take((7, 11), torch.float64, channels_last=False).data_ptr() not in (
+        a.data_ptr(),
+        b.data_ptr(),
+    )
+    big = scratch.take((1000,), torch.float32, channels_last=False)
+    scratch.give(c, big)  # three buffers: the smallest goes
+    kept = {scratch.take((120,), torch.float32, channels_last=False).data_ptr() for _ in "ab"}
+    assert big.data_ptr() in kept
+    scratch.clear()
+    assert scratch.take((120,), torch.float32, channels_last=False).data_ptr() not in kept
 
 
 # -- 3. the recorded choice composes with the rest --------------------------------------------
