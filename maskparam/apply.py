@@ -66,9 +66,9 @@ def apply_mask(
     - ``"dense"``: the layer's own convolution over every tap, masked ones included.
     - ``"taps"``: only the active taps, split exactly into a few dense, possibly dilated,
       blocks that run as ordinary convolutions (:mod:`maskparam.taps`). Same outputs and
-      gradients as dense up to float rounding; on CPU, forward+backward of 3-D crosses
-      and balls takes 0.2 to 0.65 of dense's time (``benchmarks/bench.py``). Cases it
-      does not cover run dense, with a warning.
+      gradients as dense up to float rounding; on a 2-core CPU, forward+backward of 3-D
+      crosses and balls took about 0.15 to 0.6 of dense's time (``benchmarks/bench.py``).
+      Cases it does not cover run dense, with a warning.
     - ``"auto"``: times dense, dense in channels-last layout and the taps once per input
       shape, and keeps the fastest; dense unless another is clearly faster.
 
@@ -112,8 +112,7 @@ def apply_mask(
                 [1, 1, 1],
                 [0, 1, 0]], dtype=torch.int32)
     """
-    weight, mask, bias_mask = _prepare(module, mask, name, bias_mode)
-    execution_plan = taps.prepare(module, mask, name, execution, bias_mode)
+    weight, mask, bias_mask, execution_plan = _prepare(module, mask, name, bias_mode, execution)
     _checks.warn_if_empty(mask, f"{type(module).__name__}.{name}")
 
     mask = mask.to(weight.device)
@@ -290,10 +289,11 @@ def _swap_mask(fixed: FixedMask, original: Tensor, new: Tensor) -> None:
 
 
 def _prepare(
-    module: nn.Module, mask: Tensor | Any, name: str, bias_mode: str
-) -> tuple[Tensor, Tensor, BiasMask | None]:
-    """Every check :func:`apply_mask` makes, changing nothing: the weight, bool mask, bias mask.
+    module: nn.Module, mask: Tensor | Any, name: str, bias_mode: str, execution: str = "dense"
+) -> tuple[Tensor, Tensor, BiasMask | None, taps.TapExecution | None]:
+    """Every check :func:`apply_mask` makes, changing nothing.
 
+    Returns the weight, the bool mask, the bias parametrization and the execution plan.
     :func:`maskparam.model.apply_masks` runs it on every layer before it masks any, so a check
     that ``apply_mask`` needs belongs here.
     """
@@ -303,7 +303,7 @@ def _prepare(
     where = f"{type(module).__name__}.{name}"
     _checks.check_mask_fits(mask, weight, where, "apply_mask")
     bias_mask = _bias_mask_for(module, weight, name, mask, bias_mode)
-    return weight, mask, bias_mask
+    return weight, mask, bias_mask, taps.prepare(module, mask, name, execution, bias_mode)
 
 
 def _check_removable(module: nn.Module, name: str, bake: bool) -> None:

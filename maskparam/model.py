@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from maskparam import _checks, apply
 from maskparam.apply import BiasMode, apply_mask, remove_mask
 from maskparam.parametrizations import BiasMask, FixedMask
+from maskparam.taps import EXECUTIONS, Execution
 
 __all__ = ["Include", "LayerSummary", "MaskSummary", "apply_masks", "mask_summary", "remove_masks"]
 
@@ -32,6 +33,7 @@ def apply_masks(
     *,
     bias_mode: BiasMode = "keep",
     include: Include | None = None,
+    execution: Execution = "dense",
 ) -> list[str]:
     """Mask many layers of ``model`` at once with :func:`~maskparam.apply_mask`, or none.
 
@@ -59,6 +61,7 @@ def apply_masks(
             :func:`~maskparam.apply_mask` accepts.
         bias_mode: Passed to :func:`~maskparam.apply_mask` for every layer.
         include: Layer types and/or name patterns; only with a single mask, which needs it.
+        execution: Passed to :func:`~maskparam.apply_mask` for every layer.
 
     Returns:
         The qualified names of the masked modules, in the order of
@@ -93,6 +96,10 @@ def apply_masks(
             f"apply_masks expects bias_mode to be one of {list(apply.BIAS_MODES)}. "
             f"Got {bias_mode!r}."
         )
+    if execution not in EXECUTIONS:
+        raise ValueError(
+            f"apply_masks expects execution to be one of {list(EXECUTIONS)}. Got {execution!r}."
+        )
     plan = _plan(model, masks, include)
     if not plan:
         raise ValueError(
@@ -101,7 +108,9 @@ def apply_masks(
         )
     for name, module, mask in plan:
         try:
-            apply._prepare(module, mask, "weight", bias_mode)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # apply_mask warns again below, with the name
+                apply._prepare(module, mask, "weight", bias_mode, execution)
         except (TypeError, ValueError) as err:
             raise type(err)(
                 f"apply_masks could not mask {name!r} ({type(module).__name__}), so it masked "
@@ -112,7 +121,7 @@ def apply_masks(
         for name, module, mask in plan:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                apply_mask(module, mask, bias_mode=bias_mode)
+                apply_mask(module, mask, bias_mode=bias_mode, execution=execution)
             done.append(module)
             for warning in caught:  # Again, with the layer's name, which apply_mask lacks.
                 warnings.warn(f"{name!r}: {warning.message}", warning.category, stacklevel=2)

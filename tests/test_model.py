@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
+from maskparam import _forward
 from maskparam import model as model_module
 from maskparam.apply import BIAS_MODES, apply_mask, get_mask, is_masked, set_mask
+from maskparam.masks import cross
 from maskparam.model import LayerSummary, MaskSummary, apply_masks, mask_summary, remove_masks
 from tests.strategies import ConvCase, MaskPlan, conv_cases, mask_plans, masks_for
 
@@ -541,3 +543,20 @@ def test_only_fixed_masks_count_as_masks() -> None:
     assert mask_summary(conv).rows == ()
     assert remove_masks(conv) == []
     assert parametrize.is_parametrized(conv, "weight")
+
+
+def test_apply_masks_passes_execution_and_checks_it_first() -> None:
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 4, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="execution to be one of"):
+        apply_masks(model, cross(3, ndim=3), include=nn.Conv3d, execution="fast")  # type: ignore[arg-type]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(is_masked(m) for m in model if isinstance(m, nn.Conv3d))
+    x = torch.randn(1, 2, 6, 6, 6)
+    dense = copy.deepcopy(model)
+    apply_masks(dense, cross(3, ndim=3), include=nn.Conv3d)
+    names = apply_masks(model, cross(3, ndim=3), include=nn.Conv3d, execution="taps")
+    assert names == ["0", "2"]
+    for name in names:
+        assert _forward.EXECUTION_ATTR in model.get_submodule(name).__dict__
+    torch.testing.assert_close(model(x), dense(x))
