@@ -11,6 +11,8 @@ one is present.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from maskparam import partial, taps  # they read this module's names only at call time
@@ -39,6 +41,7 @@ def conv_forward(self: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | 
     execution = self.__dict__.get(EXECUTION_ATTR)
     if isinstance(execution, taps.TapExecution):
         return execution.forward(self, input, weight, bias)  # type: ignore[arg-type]
-    base = type(self).__bases__[0]
-    out: Tensor = base._conv_forward(self, input, weight, bias)  # type: ignore[attr-defined]
+    # The class maskparam recorded, not __bases__[0]: FSDP2 subclasses the class again.
+    base: Any = type(self)._maskparam_base  # type: ignore[attr-defined]
+    out: Tensor = base._conv_forward(self, input, weight, bias)
     return out

@@ -385,7 +385,7 @@ class TapExecution:
         self, module: nn.modules.conv._ConvNd, input: Tensor, weight: Tensor, bias: Tensor | None
     ) -> Tensor:
         """The layer's ``_conv_forward`` under this execution."""
-        dense = type(module).__bases__[0]._conv_forward  # type: ignore[attr-defined]
+        dense = type(module)._maskparam_base._conv_forward  # type: ignore[attr-defined]
         compiling = torch.compiler.is_compiling()
         reason = _unsupported(module, input, weight)
         if reason is None and not compiling:
@@ -614,7 +614,7 @@ def _run(
     bias: Tensor | None,
     boxes: tuple[Box, ...],
 ) -> Tensor:
-    dense = type(module).__bases__[0]._conv_forward  # type: ignore[attr-defined]
+    dense = type(module)._maskparam_base._conv_forward  # type: ignore[attr-defined]
     if path == "dense":
         out: Tensor = dense(module, input, weight, bias)
         return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import io
 
+import pytest
 import torch
 from torch import nn
 
@@ -41,3 +42,18 @@ def test_override_survives_deepcopy_and_pickle_and_goes_with_remove() -> None:
     remove_mask(conv)
     assert type(conv) is nn.Conv2d
     assert _forward.EXECUTION_ATTR not in conv.__dict__
+
+
+class _Wrapper:
+    """Stands in for FSDP2's FSDPModule, which fully_shard puts first among the bases."""
+
+
+@pytest.mark.parametrize("execution", ["dense", "taps"])
+def test_override_survives_a_wrapper_that_subclasses_the_class_again(execution: str) -> None:
+    conv = apply_mask(nn.Conv2d(2, 2, 3, padding=1), PLUS, execution=execution)  # type: ignore[arg-type]
+    if execution == "dense":
+        _with_override(conv)  # the override's own dense path
+    x = torch.randn(1, 2, 5, 5)
+    expected = conv(x)
+    conv.__class__ = type("FSDPConv2d", (_Wrapper, type(conv)), {})
+    torch.testing.assert_close(conv(x), expected)
