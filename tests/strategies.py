@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,13 @@ def conv_cases(
     return ConvCase(layer, x)
 
 
+def _bools(draw: st.DrawFn, shape: tuple[int, ...]) -> torch.Tensor:
+    """A bool tensor of ``shape``, every entry drawn (so hypothesis can shrink each one)."""
+    numel = math.prod(shape)
+    bits = draw(st.lists(st.booleans(), min_size=numel, max_size=numel))
+    return torch.tensor(bits, dtype=torch.bool).reshape(shape)
+
+
 @st.composite
 def masks_for(draw: st.DrawFn, *, shape: tuple[int, ...], spatial_dims: int) -> torch.Tensor:
     """A bool mask for a weight of ``shape``: spatial, per leading channel, or per element."""
@@ -101,11 +109,7 @@ def masks_for(draw: st.DrawFn, *, shape: tuple[int, ...], spatial_dims: int) -> 
         mshape = (shape[0],) + (1,) * (len(shape) - 1)
     else:
         mshape = shape
-    numel = 1
-    for s in mshape:
-        numel *= s
-    bits = draw(st.lists(st.booleans(), min_size=numel, max_size=numel))
-    return torch.tensor(bits, dtype=torch.bool).reshape(mshape)
+    return _bools(draw, mshape)
 
 
 @st.composite
@@ -115,11 +119,7 @@ def bool_masks(
     """A bool mask of ``min_dims`` to ``max_dims`` dims, each size in [1, max_side]."""
     ndim = draw(st.integers(min_dims, max_dims))
     shape = tuple(draw(st.integers(1, max_side)) for _ in range(ndim))
-    numel = 1
-    for s in shape:
-        numel *= s
-    bits = draw(st.lists(st.booleans(), min_size=numel, max_size=numel))
-    return torch.tensor(bits, dtype=torch.bool).reshape(shape)
+    return _bools(draw, shape)
 
 
 @st.composite
