@@ -341,7 +341,8 @@ def _unmasked_parameter(module: nn.Module, name: str) -> Tensor:
         raise ValueError(
             f"apply_mask expects {kind}.{name} to be a plain parameter, but it already has "
             f"parametrizations {[type(p).__name__ for p in existing]}. Apply the mask first, "
-            "then the other parametrizations."
+            "then the other parametrization, if it can follow one (spectral_norm can; "
+            "weight_norm and orthogonal cannot)."
         )
     param = module._parameters.get(name)
     if param is None:
