@@ -308,7 +308,7 @@ def _masked_tensors(module: nn.Module) -> list[str]:
     return [
         tensor_name
         for tensor_name in module.parametrizations  # type: ignore[union-attr]
-        if any(isinstance(p, FixedMask) for p in _checks.parametrizations_of(module, tensor_name))
+        if apply.is_masked(module, tensor_name)
     ]
 
 

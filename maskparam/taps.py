@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskparam import _checks
 from maskparam._taps_kernels import (
     CONV,
     SCRATCH,
@@ -578,9 +579,7 @@ def _warn_fallback(module: nn.Module, reason: str, stacklevel: int = 4) -> None:
 
 def _outermost(module: nn.Module) -> nn.Module:
     """The last parametrization of ``module.weight``: the one that gives the weight."""
-    chain = cast(nn.ModuleList, cast(nn.ModuleDict, module.parametrizations)["weight"])
-    last: nn.Module = chain[len(chain) - 1]
-    return last
+    return _checks.parametrizations_of(module, "weight")[-1]
 
 
 def _functorch_active() -> bool:
