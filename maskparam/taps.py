@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskparam import _checks
+from maskparam import _checks, _tap_kernel
 from maskparam._taps_kernels import (
     CONV,
     SCRATCH,
@@ -756,13 +756,35 @@ def run_boxes(
     compiling = torch.compiler.is_compiling()
     plan = _layout.__wrapped__ if compiling else _layout
     layout = plan(boxes, _geometry(module, one_d), tuple(x.shape[2:]), tuple(w.shape[2:]), one_d)
-    if x.device.type == "cpu" and not compiling and _forward_ad_level() < 0:
-        y: Tensor = FusedBoxes.apply(x, w, bias, layout, out_cl, _composite)  # type: ignore[no-untyped-call]
+    if x.device.type != "cpu" or compiling or _forward_ad_level() >= 0:
+        y: Tensor = _composite(x, w, bias, layout, out_cl)
+    elif _tap_kernel.applies(
+        x, w, bias, layout.stride, layout.groups, layout.out_size, out_cl, _count(boxes)
+    ):
+        geo = _geometry(module, one_d)
+        offsets, index = _tap_kernel.tap_table(
+            _active_taps(boxes, one_d), tuple(w.shape[2:]), geo.dilation, geo.pad_left
+        )
+        composite_args = (layout, out_cl, _composite)
+        y = _tap_kernel.TapKernel.apply(  # type: ignore[no-untyped-call]
+            x, w, bias, offsets, index, layout.out_size, composite_args
+        )
     else:
-        y = _composite(x, w, bias, layout, out_cl)
+        y = FusedBoxes.apply(x, w, bias, layout, out_cl, _composite)  # type: ignore[no-untyped-call]
     if one_d:
         y = y.squeeze(2)
     return y.squeeze(0) if unbatched else y
+
+
+def _count(boxes: tuple[Box, ...]) -> int:
+    return sum(box.size for box in boxes)
+
+
+@functools.lru_cache(maxsize=256)
+def _active_taps(boxes: tuple[Box, ...], lift: bool) -> tuple[tuple[int, ...], ...]:
+    """Every tap of ``boxes``, in order (``lift``: 1-D lifted to 2-D)."""
+    taps = sorted(tap for box in boxes for tap in box.taps())
+    return tuple((0, *tap) if lift else tuple(tap) for tap in taps)
 
 
 def _composite(x: Tensor, w: Tensor, bias: Tensor | None, layout: Layout, out_cl: bool) -> Tensor:
