@@ -12,6 +12,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from maskparam import taps
+
 settings.register_profile(
     "dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -44,3 +46,17 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def box_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the calls of the boxes path, so a test knows it did not fall back to dense."""
+    calls: list[int] = []
+    real = taps.run_boxes
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(len(args[-1]))  # type: ignore[arg-type]
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(taps, "run_boxes", counted)
+    return calls

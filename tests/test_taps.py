@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
-from maskparam import _forward, taps
+from maskparam import _forward, _tap_kernel, taps
 from maskparam._taps_kernels import Scratch
 from maskparam.apply import apply_mask, remove_mask, set_mask
 from maskparam.taps import Box, TapExecution, decompose, spatial_support
@@ -51,6 +52,17 @@ def causal_type_a(k: int = 7) -> torch.Tensor:
 
 def covered(boxes: tuple[Box, ...]) -> list[tuple[int, ...]]:
     return [tap for box in boxes for tap in box.taps()]
+
+
+@contextlib.contextmanager
+def kernel_off() -> Iterator[None]:
+    """Run as on a machine where the compiled kernel is unavailable: the boxes only."""
+    saved = _tap_kernel._state
+    _tap_kernel._state = {"lib": None, "why": "off for this test"}
+    try:
+        yield
+    finally:
+        _tap_kernel._state = saved
 
 
 def twins(layer: nn.Module, mask: torch.Tensor, execution: str) -> tuple[nn.Module, nn.Module]:
@@ -91,20 +103,6 @@ def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         return x.contiguous(memory_format=fmt)
     return x
-
-
-@pytest.fixture
-def box_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the calls of the boxes path, so a test knows it did not fall back to dense."""
-    calls: list[int] = []
-    real = taps.run_boxes
-
-    def counted(*args: object) -> torch.Tensor:
-        calls.append(len(args[-1]))  # type: ignore[arg-type]
-        return real(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(taps, "run_boxes", counted)
-    return calls
 
 
 # -- 1. decomposition ----------------------------------------------------------------------
@@ -237,15 +235,17 @@ CASES_F32 = {
 
 @pytest.mark.parametrize("name", CASES_F32)
 @pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "boxes"])
 def test_taps_match_dense_float32(
-    name: str, batch: int, device: torch.device, box_calls: list[int]
+    name: str, batch: int, kernel: bool, device: torch.device, box_calls: list[int]
 ) -> None:
     cls, mask, shape, options = CASES_F32[name]
     layer = cls(shape[1], 6, tuple(mask.shape), **options).to(device)
     dense, tapped = twins(layer, mask, "taps")
     x = torch.randn(batch, *shape[1:], device=device)
     grad = torch.randn_like(dense(x))
-    assert_same(run(dense, x, grad), run(tapped, x, grad), rtol=1e-4, atol=1e-4)
+    with contextlib.nullcontext() if kernel else kernel_off():
+        assert_same(run(dense, x, grad), run(tapped, x, grad), rtol=1e-4, atol=1e-4)
     assert box_calls == [len(decompose(mask.bool()))]
 
 
@@ -345,7 +345,9 @@ def layouts(t: torch.Tensor) -> tuple[bool, bool]:
 def test_fused_path_matches_dense_in_float32(case: ConvCase, data: st.DataObject) -> None:
     # float32 on the CPU adds each box into the sum inside the conv library, and takes the
     # input gradients from transposed convolutions: every option, any set of gradients.
+    # Where the compiled kernel applies it runs instead, unless switched off here.
     layer, x = case.layer, case.x
+    kernel = data.draw(st.booleans(), label="kernel")
     shape = tuple(layer.weight.shape)
     mask = data.draw(
         sparse_kernel_masks(kernel_size=shape[2:])
@@ -354,8 +356,10 @@ def test_fused_path_matches_dense_in_float32(case: ConvCase, data: st.DataObject
     x = with_layout(x, data.draw(st.sampled_from(["contiguous", "channels_last", "unbatched"])))
     wanted = data.draw(st.sets(st.sampled_from(["input", "weight", "bias"])))
     dense, tapped = twins(layer, mask, "taps")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.simplefilter("ignore", UserWarning)  # an all-zero mask runs dense
+        if not kernel:
+            stack.enter_context(kernel_off())
         expected, got = run_some(dense, x, wanted), run_some(tapped, x, wanted)
     assert_same(expected, got, rtol=1e-4, atol=1e-4)
     for key in ("out", "input"):

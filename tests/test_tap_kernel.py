@@ -1,0 +1,327 @@
+"""The compiled active-tap kernel: it matches dense, and the boxes take over where it can't."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from maskparam import _forward, _tap_kernel, taps
+from maskparam.apply import apply_mask
+from tests.strategies import sparse_kernel_masks
+from tests.test_taps import assert_same, ball, causal_type_a, cross3d, run, run_some, twins
+
+needs_kernel = pytest.mark.skipif(
+    _tap_kernel.library() is None, reason=f"no tap kernel here: {_tap_kernel.status()}"
+)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Record the input shape of every call of the kernel's forward."""
+    calls: list[tuple[int, ...]] = []
+    real = _tap_kernel.TapKernel.apply
+
+    def counted(x: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return real(x, *args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(_tap_kernel.TapKernel, "apply", counted)
+    return calls
+
+
+@pytest.fixture
+def no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a machine without a C compiler: the kernel is unavailable."""
+    monkeypatch.setattr(_tap_kernel, "_state", {"lib": None, "why": "off for this test"})
+
+
+@st.composite
+def kernel_cases(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A stride-1 conv whose output planes keep their size, a sparse mask, an input."""
+    ndim = draw(st.sampled_from([1, 2, 3]))
+    kernel = tuple(draw(st.sampled_from([1, 3, 5])) for _ in range(ndim))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(ndim))
+    # "same" along the last two axes; any zero padding along the depth of a 3-D conv
+    padding = [d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True)]
+    if ndim == 3:
+        padding[0] = draw(st.integers(0, padding[0] + 1))
+    c_in = draw(st.sampled_from([1, 3, 8, 13, 16]))
+    c_out = draw(st.sampled_from([1, 5, 8, 16, 24, 32, 48, 80]))
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[ndim]
+    layer = conv(
+        c_in, c_out, kernel, padding=tuple(padding), dilation=dilation, bias=draw(st.booleans())
+    )
+    sizes = [draw(st.integers(1, 9)) for _ in range(ndim)]
+    if ndim == 3:  # enough depth for an output
+        sizes[0] = max(sizes[0], dilation[0] * (kernel[0] - 1) + 1 - 2 * padding[0])
+    x = torch.randn(draw(st.integers(1, 3)), c_in, *sizes)
+    mask = draw(sparse_kernel_masks(kernel_size=kernel))
+    return layer, mask, x
+
+
+@needs_kernel
+@given(case=kernel_cases(), data=st.data())
+def test_kernel_matches_dense(
+    case: tuple[nn.Module, torch.Tensor, torch.Tensor], data: st.DataObject
+) -> None:
+    layer, mask, x = case
+    wanted = data.draw(st.sets(st.sampled_from(["input", "weight", "bias"])))
+    dense, tapped = twins(layer, mask, "taps")
+    calls: list[int] = []
+    real = _tap_kernel.TapKernel.apply
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args)  # type: ignore[no-any-return]
+
+    _tap_kernel.TapKernel.apply = counted  # type: ignore[method-assign]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # an all-zero mask runs dense
+            expected, got = run_some(dense, x, wanted), run_some(tapped, x, wanted)
+    finally:
+        _tap_kernel.TapKernel.apply = real  # type: ignore[method-assign]
+    assert_same(expected, got, rtol=1e-4, atol=1e-4)
+    assert len(calls) == (1 if mask.any() else 0)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("cls", "mask", "shape", "c_out", "options"),
+    [
+        (nn.Conv3d, cross3d(), (2, 16, 9, 10, 11), 32, {"padding": 1}),
+        (nn.Conv3d, ball(2), (1, 8, 6, 7, 8), 64, {"padding": 2}),
+        (nn.Conv2d, causal_type_a(), (2, 3, 13, 17), 64, {"padding": 3}),
+        # output channels in the lanes, a plane in rectangles of whole rows
+        (nn.Conv2d, causal_type_a(5), (1, 4, 70, 40), 64, {"padding": 2}),
+        # a row longer than a rectangle holds: rectangles of part of a row
+        (nn.Conv1d, torch.tensor([1, 0, 1, 0, 1]), (2, 3, 3000), 32, {"padding": 2}),
+        (nn.Conv1d, torch.tensor([1, 0, 1, 0, 1]), (2, 3, 3000), 12, {"padding": 2}),
+        # more than 64 output channels, and a count that is no multiple of 16
+        (nn.Conv3d, cross3d(), (1, 5, 4, 5, 6), 80, {"padding": 1}),
+        (nn.Conv3d, cross3d(), (1, 5, 4, 5, 6), 40, {"padding": 1, "bias": False}),
+    ],
+)
+def test_kernel_matches_dense_on_shaped_kernels(
+    cls: type[nn.Module],
+    mask: torch.Tensor,
+    shape: tuple[int, ...],
+    c_out: int,
+    options: dict[str, object],
+    kernel_calls: list[tuple[int, ...]],
+) -> None:
+    layer = cls(shape[1], c_out, tuple(mask.shape), **options)
+    dense, tapped = twins(layer, mask, "taps")
+    x = torch.randn(shape)
+    grad = torch.randn_like(dense(x))
+    assert_same(run(dense, x, grad), run(tapped, x, grad), rtol=1e-4, atol=1e-4)
+    assert len(kernel_calls) == 1
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore:Input #:UserWarning")  # float32 on purpose
+def test_kernel_gradcheck_in_float32() -> None:
+    # The conv is linear in each input, so central differences are exact up to rounding.
+    layer = nn.Conv3d(3, 4, 3, padding=1)
+    apply_mask(layer, cross3d(), execution="taps")
+    boxes = layer.__dict__[_forward.EXECUTION_ATTR].boxes
+
+    def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return taps.run_boxes(layer, x, torch.where(cross3d(), w, 0), b, boxes)
+
+    x = torch.randn(2, 3, 3, 4, 5, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    assert fn(x, w, b).grad_fn.name() == "TapKernelBackward"
+    assert torch.autograd.gradcheck(fn, (x, w, b), eps=0.25, atol=2e-3, rtol=2e-3)
+
+
+@needs_kernel
+def test_kernel_double_backward_matches_dense() -> None:
+    layer = nn.Conv2d(3, 16, 5, padding=2)
+    dense, tapped = twins(layer, causal_type_a(5), "taps")
+    x = torch.randn(2, 3, 8, 9)
+    results = []
+    for model in (dense, tapped):
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(model(xi).pow(2).sum(), xi, create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.pow(2).sum(), xi)
+        results.append((gx.detach(), ggx))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("options", "layout", "dtype"),
+    [
+        ({"stride": 2}, "contiguous", torch.float32),
+        ({"groups": 2}, "contiguous", torch.float32),
+        ({}, "channels_last", torch.float32),
+        ({}, "contiguous", torch.float64),
+        ({"padding": 0}, "contiguous", torch.float32),  # output planes smaller than input's
+        ({"padding_mode": "reflect"}, "contiguous", torch.float32),
+    ],
+)
+def test_boxes_run_where_the_kernel_does_not_apply(
+    options: dict[str, object],
+    layout: str,
+    dtype: torch.dtype,
+    kernel_calls: list[tuple[int, ...]],
+    box_calls: list[int],
+) -> None:
+    layer = nn.Conv3d(4, 6, 3, **{"padding": 1, **options}).to(dtype)
+    dense, tapped = twins(layer, cross3d(), "taps")
+    x = torch.randn(2, 4, 6, 7, 8, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    assert_same(run(dense, x), run(tapped, x), rtol=1e-4, atol=1e-4)
+    assert box_calls == [3]
+    assert kernel_calls == []
+
+
+def test_boxes_run_without_the_kernel(
+    no_kernel: None, kernel_calls: list[tuple[int, ...]], box_calls: list[int]
+) -> None:
+    layer = nn.Conv3d(4, 6, 3, padding=1)
+    dense, tapped = twins(layer, cross3d(), "taps")
+    x = torch.randn(2, 4, 6, 7, 8)
+    assert_same(run(dense, x), run(tapped, x), rtol=1e-4, atol=1e-4)
+    assert box_calls == [3]
+    assert kernel_calls == []
+    assert _tap_kernel.status() == "off for this test"
+
+
+@needs_kernel
+def test_kernel_respects_the_thread_count(kernel_calls: list[tuple[int, ...]]) -> None:
+    layer = nn.Conv3d(8, 32, 3, padding=1)
+    dense, tapped = twins(layer, cross3d(), "taps")
+    x = torch.randn(2, 8, 6, 7, 8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(tapped, x)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(run(dense, x), one, rtol=1e-4, atol=1e-4)
+    assert len(kernel_calls) == 1
+
+
+@needs_kernel
+def test_kernel_under_inference_mode_and_no_grad(kernel_calls: list[tuple[int, ...]]) -> None:
+    layer = nn.Conv2d(3, 8, 5, padding=2)
+    dense, tapped = twins(layer, causal_type_a(5), "taps")
+    x = torch.randn(1, 3, 10, 10)
+    with torch.inference_mode():
+        torch.testing.assert_close(tapped(x), dense(x))
+    with torch.no_grad():
+        torch.testing.assert_close(tapped(x), dense(x))
+    assert len(kernel_calls) == 2
+
+
+@needs_kernel
+def test_kernel_keeps_masked_taps_exactly_zero_through_training() -> None:
+    layer = nn.Conv3d(4, 32, 3, padding=1)
+    apply_mask(layer, cross3d(), execution="taps")
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(2, 4, 5, 5, 5)).square().mean().backward()
+        opt.step()
+    assert torch.count_nonzero(layer.weight[:, :, ~cross3d()]) == 0
+    assert layer.parametrizations.weight.original.grad[:, :, ~cross3d()].abs().max() == 0
+
+
+def test_tap_table_offsets_and_indices() -> None:
+    offsets, index = _tap_kernel.tap_table(((0, 0), (0, 2), (1, 1)), (2, 3), (1, 2), (0, 2))
+    assert offsets.tolist() == [[0, 0, -2], [0, 0, 2], [0, 1, 0]]
+    assert index.tolist() == [0, 2, 4]
+
+
+# -- building it ------------------------------------------------------------------------------
+
+
+def _status_in_subprocess(env: dict[str, str]) -> str:
+    code = "from maskparam import _tap_kernel; print(_tap_kernel.status())"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return done.stdout.strip()
+
+
+def test_switched_off_by_the_environment() -> None:
+    assert _status_in_subprocess({"MASKPARAM_TAP_KERNEL": "0"}) == (
+        "MASKPARAM_TAP_KERNEL=0 turns it off"
+    )
+
+
+@needs_kernel
+def test_compiles_into_the_cache_folder(tmp_path: os.PathLike[str]) -> None:
+    assert _status_in_subprocess({"MASKPARAM_CACHE_DIR": str(tmp_path)}) == "ready"
+    built = list(os.scandir(tmp_path))
+    assert [entry.name.startswith("tapconv-") for entry in built] == [True]
+    # Built once: a second process loads it as it is.
+    mtime = built[0].stat().st_mtime_ns
+    assert _status_in_subprocess({"MASKPARAM_CACHE_DIR": str(tmp_path)}) == "ready"
+    assert os.stat(built[0].path).st_mtime_ns == mtime
+
+
+@needs_kernel
+def test_a_failing_compiler_is_a_reason_not_an_error(tmp_path: os.PathLike[str]) -> None:
+    why = _status_in_subprocess({"MASKPARAM_CACHE_DIR": str(tmp_path), "CC": "false"})
+    assert why.startswith("false failed to compile it")
+    assert list(os.scandir(tmp_path)) == []  # no half-written library left behind
+
+
+def test_a_missing_compiler_is_a_reason_not_an_error(tmp_path: os.PathLike[str]) -> None:
+    why = _status_in_subprocess(
+        {"MASKPARAM_CACHE_DIR": str(tmp_path), "CC": "no-such-compiler-here"}
+    )
+    assert why in ("no C compiler found (set CC to one)", "it needs a CPU with AVX-512") or (
+        why.startswith("it needs an x86-64 CPU")
+    )
+
+
+def test_masked_layer_works_where_the_kernel_cannot_be_built(tmp_path: os.PathLike[str]) -> None:
+    code = (
+        "import torch, warnings; from torch import nn; from maskparam import apply_mask\n"
+        "from maskparam import _tap_kernel\n"
+        "import copy\n"
+        "conv = nn.Conv3d(2, 3, 3, padding=1); dense = copy.deepcopy(conv)\n"
+        "m = torch.zeros(3, 3, 3, dtype=torch.bool); m[1, 1, :] = m[1, :, 1] = m[:, 1, 1] = True\n"
+        "apply_mask(dense, m)\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('error'); apply_mask(conv, m, execution='taps')\n"
+        "    x = torch.randn(1, 2, 4, 4, 4); torch.testing.assert_close(conv(x), dense(x))\n"
+        "print(_tap_kernel.status())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "MASKPARAM_CACHE_DIR": str(tmp_path), "CC": "false"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() != "ready"
+
+
+def test_deepcopy_of_a_layer_run_by_the_kernel() -> None:
+    layer = nn.Conv3d(2, 16, 3, padding=1)
+    apply_mask(layer, cross3d(), execution="taps")
+    x = torch.randn(1, 2, 4, 4, 4)
+    torch.testing.assert_close(copy.deepcopy(layer)(x), layer(x))
