@@ -333,7 +333,7 @@ class TapKernel(torch.autograd.Function):
             if status_code != 0:
                 raise MemoryError("maskparam's tap kernel ran out of memory")
             if need_w:
-                grad_w = torch.zeros_like(w)
+                grad_w = torch.zeros(w.shape, dtype=w.dtype)
                 grad_w.view(w.shape[0], w.shape[1], -1)[:, :, ctx.index] = gwp.permute(2, 0, 1)
             grad_b = gb
         return grad_x, grad_w, grad_b, None, None, None, None

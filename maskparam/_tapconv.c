@@ -285,8 +285,8 @@ static void wg_rect(const float* x, const float* gq, float* gT, float* accw, flo
                 int64_t we = w0 + 16 < wb ? w0 + 16 : wb;
                 for (int64_t o = o0; o < o0 + 16; o++) {
                     const float* row = gq + o * Do * P + h * W;
-                    float* dst = gT + ((h - ha) * cw - wa) * O + o;
-                    for (int64_t w = w0; w < we; w++) dst[w * O] = row[w];
+                    float* dst = gT + (h - ha) * cw * O + o;
+                    for (int64_t w = w0; w < we; w++) dst[(w - wa) * O] = row[w];
                 }
             }
     if (accb)

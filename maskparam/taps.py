@@ -1,23 +1,30 @@
 """Active-tap execution: a masked conv that computes only the taps its mask keeps.
 
-``apply_mask(conv, mask, execution="taps")`` splits the active taps of the mask exactly into
-a few *boxes*: dense blocks of taps, evenly spaced along each axis (a box with spacing 2 is a
-dilated kernel). Each box runs as an ordinary convolution with its slice of the weight, a
-larger dilation and its own padding, in channels-last layout, and the outputs are summed. A
-3x3x3 cross (7 of 27 taps) becomes three boxes, a 5x5x5 ball (33 of 125) four. The result is
-the dense convolution, up to the order of floating-point sums: masked taps are zero in the
-weight, and skipping a zero term changes nothing.
+``apply_mask(conv, mask, execution="taps")`` makes a ``Conv1d``/``2d``/``3d`` skip the taps
+its mask switches off. The result is the dense convolution, up to the order of
+floating-point sums: masked taps are zero in the weight, and skipping a zero term changes
+nothing. There are two ways to do it; each call takes the first that applies.
 
-On the CPU, each box adds its convolution into the sum as the conv library writes it, a 3-D
-box one tap deep (or one tap high and wide) runs as a 2-D convolution of a view of the input,
-and a hand-written backward sums the input gradients the same way. Elsewhere (CUDA,
-:func:`torch.compile`, forward-mode AD, a double backward) the boxes run as ordinary
-differentiable torch operations.
+- **The tap kernel** (CPU, float32, stride 1, one group, input in the default layout, output
+  planes as large as the input's, as with "same" padding): a small C kernel for x86-64 CPUs
+  with AVX-512, compiled with the system's C compiler at its first use and kept in a cache
+  folder (:func:`kernel_status` says whether it is in use here, and why not). It sums every
+  active tap of a position in registers, in the layout torch gives by default, and has its
+  own input and weight gradients.
+- **The boxes**, everywhere else: the active taps are split exactly into a few *boxes*,
+  dense blocks of taps evenly spaced along each axis (a box with spacing 2 is a dilated
+  kernel), each run as an ordinary convolution with its slice of the weight, in
+  channels-last layout, and the outputs are summed. A 3x3x3 cross (7 of 27 taps) becomes
+  three boxes, a 5x5x5 ball (33 of 125) four. On the CPU each box adds its convolution into
+  the sum as the conv library writes it, a 3-D box one tap deep (or one tap high and wide)
+  runs as a 2-D convolution of a view of the input, and a hand-written backward sums the
+  input gradients the same way. Elsewhere (CUDA, :func:`torch.compile`, forward-mode AD, a
+  double backward) the boxes run as ordinary differentiable torch operations.
 
 ``execution="auto"`` measures, once per input shape, which of three paths is fastest for this
 layer: the dense convolution as it is, the dense convolution in channels-last layout, and the
-boxes. It keeps dense unless another path is clearly faster, so it never picks a slower path
-(up to timing noise). See :class:`TapExecution` for the details and the fallbacks.
+active taps. It keeps dense unless another path is clearly faster, so it never picks a slower
+path (up to timing noise). See :class:`TapExecution` for the details and the fallbacks.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ __all__ = [
     "TapExecution",
     "decompose",
     "empty_cache",
+    "kernel_status",
     "prepare",
     "run_boxes",
     "spatial_support",
@@ -296,13 +304,14 @@ class TapExecution:
 
     Paths, per forward:
 
-    - ``"taps"``: the boxes, in channels-last layout; input and output keep the layout the
-      dense convolution would give them. On the CPU, the temporaries that change layout
-      (a few, each the size of the input or the output) are buffers kept for the next call,
-      as writing to freshly allocated large buffers costs page faults; ``empty_cache()``
-      frees them.
+    - ``"taps"``: the tap kernel where it applies (see the module's introduction), else
+      the boxes, in channels-last layout; input and output keep the layout the dense
+      convolution would give them. On the CPU, the boxes' temporaries that change layout
+      (a few, each the size of the input or the output) are buffers kept for the next
+      call, as writing to freshly allocated large buffers costs page faults;
+      ``empty_cache()`` frees them.
     - ``"auto"``: the first forward for each input shape, dtype, device, layout and grad
-      mode times dense, dense in channels-last layout, and the boxes (forward, plus
+      mode times dense, dense in channels-last layout, and the taps (forward, plus
       backward when gradients are needed), a warm-up and three interleaved rounds each on
       the actual input, and keeps the fastest; dense unless another takes at most 90% of
       its time. Under :func:`torch.compile` it uses that cached choice, or dense.
@@ -495,6 +504,21 @@ def empty_cache() -> None:
         >>> empty_cache()
     """
     SCRATCH.clear()
+
+
+def kernel_status() -> str:
+    """``"ready"`` if the tap kernel runs here, else why not; builds it if need be.
+
+    The kernel needs an x86-64 CPU with AVX-512 and a C compiler (``$CC``, else ``cc``); it
+    is compiled once, at its first use, into ``$MASKPARAM_CACHE_DIR`` (by default
+    ``~/.cache/maskparam``), in under a second. ``MASKPARAM_TAP_KERNEL=0`` switches it off.
+    Without it, ``execution="taps"`` runs the boxes: the same results, more slowly.
+
+    Example:
+        >>> kernel_status()  # doctest: +SKIP
+        'ready'
+    """
+    return _tap_kernel.status()
 
 
 def _replan_after_load(module: nn.Module, incompatible_keys: Any) -> None:
