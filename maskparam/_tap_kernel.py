@@ -158,12 +158,14 @@ def applies(
 ) -> bool:
     """Whether :class:`TapKernel` runs this batched (and, for 1-D, lifted) conv.
 
-    Stride 1, one group, float32 on the CPU, input contiguous (not channels-last), and
-    output planes (the last two axes) as large as the input's, as with "same" padding; and
-    a weight gradient whose per-thread sums fit in :data:`MAX_SCRATCH` bytes.
+    Stride 1, one group, float32 on the CPU outside autocast (which would run the dense
+    conv in lower precision), input contiguous (not channels-last), and output planes (the
+    last two axes) as large as the input's, as with "same" padding; and a weight gradient
+    whose per-thread sums fit in :data:`MAX_SCRATCH` bytes.
     """
     return (
         x.device.type == "cpu"
+        and not torch.is_autocast_enabled("cpu")
         and x.dtype == w.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and groups == 1

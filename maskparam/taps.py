@@ -421,12 +421,14 @@ class TapExecution:
             or weight.requires_grad
             or bool(bias is not None and bias.requires_grad)
         )
+        device = input.device.type
         signature = (
             tuple(input.shape),
             input.dtype,
             input.device,
             is_channels_last(input),
             needs_grad,
+            torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
         )
         if torch.compiler.is_compiling():
             # No timing inside a trace: the choice eager mode made for this input, or dense.
@@ -645,6 +647,18 @@ def _run(
         out_cl = is_channels_last(input) or is_channels_last(weight)
         y = dense(module, _relayout(input, True), weight, bias)
         return _relayout(y, out_cl)
+    device = input.device.type
+    if torch.is_autocast_enabled(device):
+        # As autocast runs a dense conv: in its lower precision, whatever the path inside.
+        dtype = torch.get_autocast_dtype(device)
+
+        def cast(t: Tensor) -> Tensor:
+            return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+        with torch.autocast(device, enabled=False):
+            return run_boxes(
+                module, cast(input), cast(weight), None if bias is None else cast(bias), boxes
+            )
     return run_boxes(module, input, weight, bias, boxes)
 
 

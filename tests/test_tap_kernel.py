@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -17,7 +18,16 @@ from torch import nn
 from maskparam import _forward, _tap_kernel, taps
 from maskparam.apply import apply_mask
 from tests.strategies import sparse_kernel_masks
-from tests.test_taps import assert_same, ball, causal_type_a, cross3d, run, run_some, twins
+from tests.test_taps import (
+    assert_same,
+    ball,
+    causal_type_a,
+    cross3d,
+    kernel_off,
+    run,
+    run_some,
+    twins,
+)
 
 needs_kernel = pytest.mark.skipif(
     _tap_kernel.library() is None, reason=f"no tap kernel here: {_tap_kernel.status()}"
@@ -184,6 +194,25 @@ def test_boxes_run_where_the_kernel_does_not_apply(
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last_3d)
     assert_same(run(dense, x), run(tapped, x), rtol=1e-4, atol=1e-4)
+    assert box_calls == [3]
+    assert kernel_calls == []
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "boxes"])
+def test_autocast_runs_taps_in_its_dtype(
+    kernel: bool, kernel_calls: list[tuple[int, ...]], box_calls: list[int]
+) -> None:
+    # Dense under CPU autocast computes in bfloat16; so do the taps, in the boxes.
+    layer = nn.Conv3d(4, 16, 3, padding=1)
+    dense, tapped = twins(layer, cross3d(), "taps")
+    x = torch.randn(1, 4, 5, 6, 7, requires_grad=True)
+    with contextlib.nullcontext() if kernel else kernel_off():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected, got = dense(x), tapped(x)
+        got.float().sum().backward()
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=5e-2)
+    assert tapped.parametrizations.weight.original.grad.dtype == torch.float32
     assert box_calls == [3]
     assert kernel_calls == []
 
