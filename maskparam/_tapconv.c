@@ -8,7 +8,7 @@
  * (N, O, Do, P) with the same H and W. Tap t reads the input plane taps[3t] away, at the
  * position (taps[3t+1], taps[3t+2]) away in (H, W); a read outside the input is zero. So
  *
- *     y[n, o, q, (h, w)] = bias[o] + sum_{c, t} wp[c, t, o] * x[n, c, q + dq_t, (h + dh_t, w + dw_t)]
+ *     y[n, o, q, (h, w)] = bias[o] + sum_{c, t} w[t, c, o] * x[n, c, q + dq_t, (h + dh_t, w + dw_t)]
  *
  * Every plane is flat and contiguous, so a tap is a constant offset into it: 16 output
  * positions are one vector, and lanes whose source falls outside the plane (across a row
@@ -131,8 +131,8 @@ int tap_forward(const float* x, const float* wp, const float* bias, float* y, in
     return failed ? -1 : 0;
 }
 
-#define WO 8
-#define WK 3
+#define WO 8 /* output channels per weight-gradient tile */
+#define WK 3 /* (input channel, tap) pairs per tile: WO * WK = 24 accumulators */
 
 /* The weight gradient with positions in the vector lanes, for any O: each thread sums
  * vectors of 16 partial sums per (slot, o) over the planes it takes, and the threads' sums
