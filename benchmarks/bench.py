@@ -13,6 +13,8 @@ Sections:
    ``torch.nn.utils.parametrize.cached()``, and ``torch.nn.utils.prune.custom_from_mask``.
 2. Active-tap execution against dense masked execution, forward+backward, with input and
    gradient in the usual contiguous layout, and again in channels-last layout; "auto" too.
+   The first line says whether the compiled tap kernel runs here
+   (``maskparam.taps.kernel_status()``); where it does not, taps runs the boxes.
    Peak memory is the most tensor memory held at once during one forward+backward, beyond
    the inputs (CUDA: the caching allocator's peak; CPU: the profiler's allocation events).
 3. ``apply_masks`` and baking (``remove_masks(bake=True)``) on a ResNet-50-sized network
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maskparam._taps_kernels import SCRATCH
 from maskparam.apply import apply_mask, remove_mask
+from maskparam.taps import kernel_status
 
 Fn = Callable[[], object]
 
@@ -484,7 +487,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"maskparam benchmarks: torch {torch.__version__}, {name}, "
-        f"torch.get_num_threads()={torch.get_num_threads()}, rounds={rounds}"
+        f"torch.get_num_threads()={torch.get_num_threads()}, rounds={rounds}, "
+        f"tap kernel: {kernel_status()}"
     )
     if "1" in sections:
         section_overhead(pick(OVERHEAD_CASES), rounds, device, timer)
