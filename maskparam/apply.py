@@ -101,7 +101,7 @@ def apply_mask(
     Warns:
         UserWarning: If the mask switches every tap off, or if ``execution="taps"`` cannot
             apply (not a Conv1d/2d/3d, a data-dependent ``bias_mode``, a mask too
-            fragmented to gain), so the layer runs dense.
+            fragmented for boxes where the tap kernel cannot run), so the layer runs dense.
 
     Example:
         >>> conv = nn.Conv2d(1, 1, 3, bias=False)

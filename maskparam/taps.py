@@ -78,7 +78,10 @@ Execution = Literal["dense", "taps", "auto"]
 EXECUTIONS: tuple[str, ...] = get_args(Execution)
 
 MAX_BOXES = 32
-"""A mask whose active taps need more boxes than this runs dense: too many small convs."""
+"""A mask whose active taps need more boxes than this runs no boxes: too many small convs.
+
+The tap kernel still runs it where it applies; elsewhere it runs dense.
+"""
 
 # "auto" keeps dense unless another path takes at most this fraction of dense's time.
 _AUTO_MARGIN = 0.9
@@ -316,10 +319,10 @@ class TapExecution:
       the actual input, and keeps the fastest; dense unless another takes at most 90% of
       its time. Under :func:`torch.compile` it uses that cached choice, or dense.
 
-    Cases the boxes do not cover run dense, with a warning when ``"taps"`` was asked for:
-    a mask that needs more than :data:`MAX_BOXES` boxes or has no active tap, another
-    parametrization after the mask, a device other than CPU or CUDA, a dtype that is not
-    floating point.
+    Cases neither covers run dense, with a warning when ``"taps"`` was asked for: a mask
+    with no active tap, or one that needs more than :data:`MAX_BOXES` boxes where the tap
+    kernel does not take the call; another parametrization after the mask, a device other
+    than CPU or CUDA, a dtype that is not floating point.
 
     Args:
         mode: ``"taps"`` or ``"auto"``.
@@ -339,10 +342,17 @@ class TapExecution:
         self.support = support
         self.boxes = decompose(support)
         self.reason: str | None = None
+        # For a mask too fragmented for boxes: its taps one by one, which the tap kernel can
+        # run (it needs only the taps) and a double backward differentiates, slowly.
+        self.tap_boxes: tuple[Box, ...] = ()
         if self.boxes is None:
             self.reason = (
                 f"its active taps need more than {MAX_BOXES} boxes, too many small "
-                "convolutions to gain anything"
+                "convolutions to gain anything, and the tap kernel does not take this call"
+            )
+            nd = support.dim()
+            self.tap_boxes = tuple(
+                Box(tuple(tap), (1,) * nd, (1,) * nd) for tap in support.nonzero().tolist()
             )
         elif not self.boxes:
             self.reason = "the mask has no active tap"
@@ -356,9 +366,28 @@ class TapExecution:
     ) -> TapExecution:
         """A plan of the same mode for a new ``mask``; warns as :func:`prepare` does."""
         plan = TapExecution(self.mode, spatial_support(mask, weight_shape))
-        if plan.reason is not None and self.mode == "taps":
+        if plan.reason is not None and self.mode == "taps" and not plan.kernel_may_run(module):
             _warn_fallback(module, plan.reason, stacklevel=4)
         return plan
+
+    def kernel_may_run(self, module: nn.Module) -> bool:
+        """Whether a mask too fragmented for boxes may still run in the tap kernel.
+
+        True if the layer's options and weight suit the kernel; whether it runs is then
+        up to each call's input.
+        """
+        weight = getattr(module, "weight", None)
+        return (
+            bool(self.tap_boxes)
+            and isinstance(module, nn.modules.conv._ConvNd)
+            and isinstance(weight, Tensor)
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.float32
+            and module.groups == 1
+            and all(s == 1 for s in module.stride)
+            and module.padding_mode == "zeros"
+            and _tap_kernel.library() is not None
+        )
 
     @property
     def active_fraction(self) -> float:
@@ -400,14 +429,25 @@ class TapExecution:
         reason = _unsupported(module, input, weight)
         if reason is None and not compiling:
             self.refresh(module, cast(Tensor, _outermost(module).mask))
-        reason = reason or self.reason
+        boxes = self.boxes
+        if (
+            reason is None
+            and boxes is None
+            and not compiling
+            and _kernel_takes(module, input, weight, bias, self.tap_boxes)
+        ):
+            boxes = self.tap_boxes  # too fragmented for boxes, but the kernel takes it
+        reason = reason or (None if boxes else self.reason)
         if reason is not None:
             if self.mode == "taps":
                 _warn_fallback(module, reason)
             out: Tensor = dense(module, input, weight, bias)
             return out
-        path = "taps" if self.mode == "taps" else self._choose(module, input, weight, bias)
-        return _run(path, module, input, weight, bias, self.boxes or ())
+        assert boxes is not None
+        if self.mode == "taps":
+            return _run("taps", module, input, weight, bias, boxes)
+        path = self._choose(module, input, weight, bias, boxes)
+        return _run(path, module, input, weight, bias, boxes)
 
     def _choose(
         self,
@@ -415,6 +455,7 @@ class TapExecution:
         input: Tensor,
         weight: Tensor,
         bias: Tensor | None,
+        boxes: tuple[Box, ...],
     ) -> str:
         needs_grad = torch.is_grad_enabled() and (
             input.requires_grad
@@ -444,7 +485,7 @@ class TapExecution:
             module.dilation,
             module.groups,
             module.padding_mode,
-            self.boxes,
+            boxes,
             torch.get_num_threads(),
         )
         choice = _DECISIONS.get(key)
@@ -457,9 +498,7 @@ class TapExecution:
                 candidates.append("taps")
             choice = "dense"
             if len(candidates) > 1:
-                times = _measure(
-                    candidates, module, input, weight, bias, self.boxes or (), needs_grad
-                )
+                times = _measure(candidates, module, input, weight, bias, boxes, needs_grad)
                 fastest = min(candidates, key=lambda c: times[c])
                 if times[fastest] <= _AUTO_MARGIN * times["dense"]:
                     choice = fastest
@@ -584,7 +623,7 @@ def prepare(
         return None
     weight = getattr(module, name)
     plan = TapExecution(execution, spatial_support(mask, weight.shape))
-    if plan.reason is not None and execution == "taps":
+    if plan.reason is not None and execution == "taps" and not plan.kernel_may_run(module):
         _warn_fallback(module, plan.reason, stacklevel=4)
     return plan
 
@@ -779,12 +818,8 @@ def run_boxes(
         True
     """
     unbatched = input.dim() == len(module.kernel_size) + 1
-    x = input.unsqueeze(0) if unbatched else input
     one_d = len(module.kernel_size) == 1
-    w = weight
-    if one_d:  # 1-D runs as 2-D with a height of one, which has a channels-last layout.
-        x = x.unsqueeze(2)
-        w = w.unsqueeze(2)
+    x, w = _lift(module, input, weight)
     if module.padding_mode != "zeros":
         pad = module._reversed_padding_repeated_twice
         x = F.pad(x, [*pad, 0, 0] if one_d else pad, mode=module.padding_mode)
@@ -816,6 +851,46 @@ def run_boxes(
 
 def _count(boxes: tuple[Box, ...]) -> int:
     return sum(box.size for box in boxes)
+
+
+def _lift(module: nn.Module, input: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Input and weight as the boxes see them: batched, and 1-D as 2-D with a height of one.
+
+    2-D, because 1-D has no channels-last layout.
+    """
+    x = input.unsqueeze(0) if input.dim() == weight.dim() - 1 else input
+    if weight.dim() == 3:
+        return x.unsqueeze(2), weight.unsqueeze(2)
+    return x, weight
+
+
+def _kernel_takes(
+    module: nn.modules.conv._ConvNd,
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    boxes: tuple[Box, ...],
+) -> bool:
+    """Whether :func:`run_boxes` would run this call in the tap kernel (zeros padding)."""
+    if module.padding_mode != "zeros" or not boxes:
+        return False
+    x, w = _lift(module, input, weight)
+    geo = _geometry(module, weight.dim() == 3)
+    out_size = _out_size(geo, tuple(x.shape[2:]), tuple(w.shape[2:]))
+    out_cl = weight.dim() != 3 and (is_channels_last(x) or is_channels_last(weight))
+    return _tap_kernel.applies(x, w, bias, geo.stride, geo.groups, out_size, out_cl, _count(boxes))
+
+
+def _out_size(
+    geo: _Geometry, in_size: tuple[int, ...], kernel: tuple[int, ...]
+) -> tuple[int, ...]:
+    """The conv's output size per spatial axis."""
+    return tuple(
+        (size + pl + pr - d * (k - 1) - 1) // s + 1
+        for size, pl, pr, d, k, s in zip(
+            in_size, geo.pad_left, geo.pad_right, geo.dilation, kernel, geo.stride, strict=True
+        )
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -876,12 +951,7 @@ def _layout(
     """Where each box reads and how it pads, for one input size (``lift``: 1-D as 2-D)."""
     if lift:
         boxes = tuple(Box((0, *b.start), (1, *b.count), (1, *b.step)) for b in boxes)
-    out_size = tuple(
-        (size + pl + pr - d * (k - 1) - 1) // s + 1
-        for size, pl, pr, d, k, s in zip(
-            in_size, geo.pad_left, geo.pad_right, geo.dilation, kernel, geo.stride, strict=True
-        )
-    )
+    out_size = _out_size(geo, in_size, kernel)
     everything = (slice(None), slice(None))
     padded_size = tuple(
         size + pl + pr for size, pl, pr in zip(in_size, geo.pad_left, geo.pad_right, strict=True)

@@ -269,6 +269,45 @@ def test_kernel_keeps_masked_taps_exactly_zero_through_training() -> None:
     assert layer.parametrizations.weight.original.grad[:, :, ~cross3d()].abs().max() == 0
 
 
+@needs_kernel
+@pytest.mark.parametrize("execution", ["taps", "auto"])
+def test_kernel_runs_masks_too_fragmented_for_boxes(
+    execution: str, kernel_calls: list[tuple[int, ...]]
+) -> None:
+    mask = torch.rand(7, 7, 7, generator=torch.Generator().manual_seed(0)) < 0.3
+    layer = nn.Conv3d(4, 16, 7, padding=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the kernel takes it
+        dense, tapped = twins(layer, mask, execution)
+        assert tapped.__dict__[_forward.EXECUTION_ATTR].boxes is None
+        x = torch.randn(2, 4, 9, 10, 11)
+        grad = torch.randn_like(dense(x))
+        assert_same(run(dense, x, grad), run(tapped, x, grad), rtol=1e-4, atol=1e-4)
+    if execution == "taps":
+        assert len(kernel_calls) == 1
+    # A call the kernel does not take (channels-last input) falls back to dense, and says so.
+    x_cl = x.contiguous(memory_format=torch.channels_last_3d)
+    if execution == "taps":
+        with pytest.warns(UserWarning, match="the tap kernel does not take this call"):
+            assert_same(run(dense, x_cl, grad), run(tapped, x_cl, grad), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_fragmented_mask_double_backward_matches_dense() -> None:
+    mask = torch.rand(7, 7, 7, generator=torch.Generator().manual_seed(0)) < 0.3
+    layer = nn.Conv3d(2, 16, 7, padding=3)
+    dense, tapped = twins(layer, mask, "taps")
+    assert tapped.__dict__[_forward.EXECUTION_ATTR].boxes is None
+    x = torch.randn(1, 2, 5, 6, 7)
+    results = []
+    for model in (dense, tapped):
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(model(xi).pow(2).sum(), xi, create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.pow(2).sum(), xi)
+        results.append((gx.detach(), ggx))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)
+
+
 def test_tap_table_offsets_and_indices() -> None:
     offsets, index = _tap_kernel.tap_table(((0, 0), (0, 2), (1, 1)), (2, 3), (1, 2), (0, 2))
     assert offsets.tolist() == [[0, 0, -2], [0, 0, 2], [0, 1, 0]]
