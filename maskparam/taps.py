@@ -400,6 +400,11 @@ class TapExecution:
         state["_seen_version"] = -1
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "tap_boxes" not in state:  # pickled by maskparam 0.1.0, before the tap kernel
+            self._plan(self.support)
+
     def __repr__(self) -> str:
         n = "none" if self.boxes is None else len(self.boxes)
         return (
@@ -819,7 +824,7 @@ def run_boxes(
     """
     unbatched = input.dim() == len(module.kernel_size) + 1
     one_d = len(module.kernel_size) == 1
-    x, w = _lift(module, input, weight)
+    x, w = _lift(input, weight)
     if module.padding_mode != "zeros":
         pad = module._reversed_padding_repeated_twice
         x = F.pad(x, [*pad, 0, 0] if one_d else pad, mode=module.padding_mode)
@@ -853,7 +858,7 @@ def _count(boxes: tuple[Box, ...]) -> int:
     return sum(box.size for box in boxes)
 
 
-def _lift(module: nn.Module, input: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+def _lift(input: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Input and weight as the boxes see them: batched, and 1-D as 2-D with a height of one.
 
     2-D, because 1-D has no channels-last layout.
@@ -874,7 +879,7 @@ def _kernel_takes(
     """Whether :func:`run_boxes` would run this call in the tap kernel (zeros padding)."""
     if module.padding_mode != "zeros" or not boxes:
         return False
-    x, w = _lift(module, input, weight)
+    x, w = _lift(input, weight)
     geo = _geometry(module, weight.dim() == 3)
     out_size = _out_size(geo, tuple(x.shape[2:]), tuple(w.shape[2:]))
     out_cl = weight.dim() != 3 and (is_channels_last(x) or is_channels_last(weight))

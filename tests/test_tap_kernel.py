@@ -388,6 +388,16 @@ def test_masked_layer_works_where_the_kernel_cannot_be_built(tmp_path: os.PathLi
     assert done.stdout.strip() != "ready"
 
 
+def test_a_plan_pickled_before_the_kernel_loads() -> None:
+    plan = taps.TapExecution("taps", torch.rand(7, 7, 7, generator=torch.Generator()) < 0.3)
+    state = plan.__getstate__()
+    del state["tap_boxes"]  # as maskparam 0.1.0 pickled it
+    old = taps.TapExecution.__new__(taps.TapExecution)
+    old.__setstate__(state)
+    assert old.tap_boxes == plan.tap_boxes
+    assert old.boxes == plan.boxes
+
+
 def test_deepcopy_of_a_layer_run_by_the_kernel() -> None:
     layer = nn.Conv3d(2, 16, 3, padding=1)
     apply_mask(layer, cross3d(), execution="taps")
