@@ -176,7 +176,8 @@ def applies(
         and tuple(out_size[-2:]) == tuple(x.shape[-2:])
         and all(n > 0 for n in out_size)
         and _scratch_bytes(x.shape[1], w.shape[0], taps) <= MAX_SCRATCH
-        and library() is not None
+        # Under torch.compile, only a kernel loaded already: no build inside a trace.
+        and (_state.get("lib") if torch.compiler.is_compiling() else library()) is not None
     )
 
 
@@ -240,14 +241,98 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def _check(status_code: int) -> None:
+    if status_code != 0:
+        raise MemoryError("maskparam's tap kernel ran out of memory")
+
+
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    assert lib is not None, "the tap kernel runs only where applies() said it does"
+    return lib
+
+
+def conv(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    offsets: Tensor,
+    index: Tensor,
+    out_size: Sequence[int],
+) -> Tensor:
+    """The conv's output: ``(N, O, *out_size)``, contiguous (no autograd)."""
+    planes = _as_planes(x)
+    n, c, d, h, width = planes.shape
+    o = w.shape[0]
+    d_out = out_size[0] if len(out_size) == 3 else 1
+    wp = _pack(w.detach(), index, 8, (2, 1, 0))
+    b = None
+    if bias is not None:
+        b = torch.nn.functional.pad(bias.detach(), (0, wp.shape[2] - o)).contiguous()
+    y = torch.empty((x.shape[0], o, *out_size), dtype=x.dtype)
+    _check(
+        _lib().tap_forward(
+            planes.data_ptr(), wp.data_ptr(), None if b is None else b.data_ptr(),
+            y.data_ptr(), n, c, d, h, width, o, d_out, offsets.shape[0], offsets.data_ptr(),
+            _threads(),
+        )
+    )  # fmt: skip
+    return y
+
+
+def conv_backward(
+    grad: Tensor,
+    x: Tensor,
+    w: Tensor,
+    offsets: Tensor,
+    index: Tensor,
+    needs: Sequence[bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of input, weight and bias that ``needs`` asks for (no autograd)."""
+    need_x, need_w, need_b = needs
+    lib = _lib()
+    g = grad.contiguous()
+    gp, xp = _as_planes(g), _as_planes(x)
+    n, o, d_out, h, width = gp.shape
+    c, d = xp.shape[1], xp.shape[2]
+    t = offsets.shape[0]
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        wpb = _pack(w.detach(), index, 8, (2, 0, 1))
+        grad_x = torch.empty(x.shape, dtype=x.dtype)
+        back = (-offsets).contiguous()
+        _check(
+            lib.tap_forward(
+                gp.data_ptr(), wpb.data_ptr(), None, grad_x.data_ptr(),
+                n, o, d_out, h, width, c, d, t, back.data_ptr(), _threads(),
+            )
+        )  # fmt: skip
+    if need_w or need_b:
+        gwp = torch.empty((c, t, o), dtype=x.dtype)
+        gb = torch.empty(o, dtype=x.dtype) if need_b else None
+        _check(
+            lib.tap_weight_grad(
+                xp.data_ptr(), gp.data_ptr(), gwp.data_ptr(),
+                None if gb is None else gb.data_ptr(),
+                n, c, d, h, width, o, d_out, t, offsets.data_ptr(), _threads(),
+            )
+        )  # fmt: skip
+        if need_w:
+            grad_w = torch.zeros(w.shape, dtype=w.dtype)
+            grad_w.view(w.shape[0], w.shape[1], -1)[:, :, index] = gwp.permute(2, 0, 1)
+        grad_b = gb
+    return grad_x, grad_w, grad_b
+
+
 class TapKernel(torch.autograd.Function):
-    """The conv by the compiled kernel, forward and backward.
+    """The conv by the compiled kernel, forward and backward, in eager mode.
 
     Apply as ``TapKernel.apply(x, w, bias, offsets, index, out_size, composite_args)``:
     the batched contiguous input (1-D lifted to 2-D), the masked weight (lifted alike),
     the bias or None, the offsets and kernel indices from :func:`tap_table`, the output's
     spatial size, and ``(layout, out_cl, composite)`` for a double backward, which
-    differentiates the boxes as ordinary torch operations instead.
+    differentiates the boxes as ordinary torch operations instead. Under
+    :func:`torch.compile`, :func:`compiled_conv` runs the same kernel as a custom op.
     """
 
     # The ctx-first form: a separate setup_context makes every call bind its signature.
@@ -265,36 +350,7 @@ class TapKernel(torch.autograd.Function):
         ctx.layout, ctx.out_cl, ctx.composite = composite_args
         ctx.offsets, ctx.index = offsets, index
         ctx.save_for_backward(x, w, bias)
-        lib = library()
-        assert lib is not None
-        planes = _as_planes(x)
-        n, c, d, h, width = planes.shape
-        o = w.shape[0]
-        d_out = out_size[0] if len(out_size) == 3 else 1
-        wp = _pack(w.detach(), index, 8, (2, 1, 0))
-        b = None
-        if bias is not None:
-            b = torch.nn.functional.pad(bias.detach(), (0, wp.shape[2] - o)).contiguous()
-        y = torch.empty((x.shape[0], o, *out_size), dtype=x.dtype)
-        status_code = lib.tap_forward(
-            planes.data_ptr(),
-            wp.data_ptr(),
-            None if b is None else b.data_ptr(),
-            y.data_ptr(),
-            n,
-            c,
-            d,
-            h,
-            width,
-            o,
-            d_out,
-            offsets.shape[0],
-            offsets.data_ptr(),
-            _threads(),
-        )
-        if status_code != 0:
-            raise MemoryError("maskparam's tap kernel ran out of memory")
-        return y
+        return conv(x, w, bias, offsets, index, out_size)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -304,38 +360,95 @@ class TapKernel(torch.autograd.Function):
 
             grads = _composite_grads(ctx, grad, x, w, bias)
             return (*grads[:3], None, None, None, None)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        lib = library()
-        assert lib is not None
-        g = grad.contiguous()
-        offsets: Tensor = ctx.offsets
-        gp, xp = _as_planes(g), _as_planes(x)
-        n, o, d_out, h, width = gp.shape
-        c, d = xp.shape[1], xp.shape[2]
-        t = offsets.shape[0]
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            wpb = _pack(w.detach(), ctx.index, 8, (2, 0, 1))
-            grad_x = torch.empty_like(x)
-            back = (-offsets).contiguous()
-            status_code = lib.tap_forward(
-                gp.data_ptr(), wpb.data_ptr(), None, grad_x.data_ptr(),
-                n, o, d_out, h, width, c, d, t, back.data_ptr(), _threads(),
-            )  # fmt: skip
-            if status_code != 0:
-                raise MemoryError("maskparam's tap kernel ran out of memory")
-        if need_w or need_b:
-            gwp = torch.empty((c, t, o), dtype=x.dtype)
-            gb = torch.empty(o, dtype=x.dtype) if need_b else None
-            status_code = lib.tap_weight_grad(
-                xp.data_ptr(), gp.data_ptr(), gwp.data_ptr(),
-                None if gb is None else gb.data_ptr(),
-                n, c, d, h, width, o, d_out, t, offsets.data_ptr(), _threads(),
-            )  # fmt: skip
-            if status_code != 0:
-                raise MemoryError("maskparam's tap kernel ran out of memory")
-            if need_w:
-                grad_w = torch.zeros(w.shape, dtype=w.dtype)
-                grad_w.view(w.shape[0], w.shape[1], -1)[:, :, ctx.index] = gwp.permute(2, 0, 1)
-            grad_b = gb
-        return grad_x, grad_w, grad_b, None, None, None, None
+        needs = ctx.needs_input_grad[:3]
+        grads = conv_backward(grad, x, w, ctx.offsets, ctx.index, needs)
+        return (*grads, None, None, None, None)
+
+
+# -- under torch.compile: the same kernel as custom ops ----------------------------------------
+
+
+@torch.library.custom_op(
+    "maskparam::tap_conv",
+    mutates_args=(),
+    schema="(Tensor x, Tensor w, Tensor? bias, Tensor offsets, Tensor index, "
+    "SymInt[] out_size) -> Tensor",
+)
+def _tap_conv_op(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    offsets: Tensor,
+    index: Tensor,
+    out_size: Sequence[int],
+) -> Tensor:
+    return conv(x, w, bias, offsets, index, out_size)
+
+
+@_tap_conv_op.register_fake
+def _(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    offsets: Tensor,
+    index: Tensor,
+    out_size: Sequence[int],
+) -> Tensor:
+    return x.new_empty((x.shape[0], w.shape[0], *out_size))
+
+
+@torch.library.custom_op(
+    "maskparam::tap_conv_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor w, Tensor offsets, Tensor index, bool[] needs) "
+    "-> (Tensor, Tensor, Tensor)",
+)
+def _tap_conv_backward_op(
+    grad: Tensor, x: Tensor, w: Tensor, offsets: Tensor, index: Tensor, needs: Sequence[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    grads = conv_backward(grad, x, w, offsets, index, needs)
+    # A custom op returns tensors: an empty one stands for a gradient not asked for.
+    return tuple(x.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
+
+
+@_tap_conv_backward_op.register_fake
+def _(
+    grad: Tensor, x: Tensor, w: Tensor, offsets: Tensor, index: Tensor, needs: Sequence[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    shapes = (x.shape, w.shape, (w.shape[0],))
+    return tuple(  # type: ignore[return-value]
+        x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs, strict=True)
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, w, bias, offsets, index, _ = inputs
+    ctx.save_for_backward(x, w, offsets, index)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, w, offsets, index = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    needs[2] = needs[2] and ctx.has_bias
+    grads = torch.ops.maskparam.tap_conv_backward(grad, x, w, offsets, index, needs)
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None)
+
+
+_tap_conv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def compiled_conv(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    offsets: Tensor,
+    index: Tensor,
+    out_size: Sequence[int],
+) -> Tensor:
+    """The kernel as one custom op, ``maskparam::tap_conv``, that torch.compile can trace.
+
+    Differentiable once (torch.compile supports no double backward anyway).
+    """
+    out: Tensor = torch.ops.maskparam.tap_conv(x, w, bias, offsets, index, list(out_size))
+    return out

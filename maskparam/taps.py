@@ -10,7 +10,8 @@ nothing. There are two ways to do it; each call takes the first that applies.
   with AVX-512, compiled with the system's C compiler at its first use and kept in a cache
   folder (:func:`kernel_status` says whether it is in use here, and why not). It sums every
   active tap of a position in registers, in the layout torch gives by default, and has its
-  own input and weight gradients.
+  own input and weight gradients. Under :func:`torch.compile` it is one custom op,
+  ``torch.ops.maskparam.tap_conv``, differentiable once.
 - **The boxes**, everywhere else: the active taps are split exactly into a few *boxes*,
   dense blocks of taps evenly spaced along each axis (a box with spacing 2 is a dilated
   kernel), each run as an ordinary convolution with its slice of the weight, in
@@ -19,7 +20,8 @@ nothing. There are two ways to do it; each call takes the first that applies.
   the sum as the conv library writes it, a 3-D box one tap deep (or one tap high and wide)
   runs as a 2-D convolution of a view of the input, and a hand-written backward sums the
   input gradients the same way. Elsewhere (CUDA, :func:`torch.compile`, forward-mode AD, a
-  double backward) the boxes run as ordinary differentiable torch operations.
+  double backward) the boxes run as ordinary differentiable torch operations, as does the
+  double backward of the kernel.
 
 ``execution="auto"`` measures, once per input shape, which of three paths is fastest for this
 layer: the dense convolution as it is, the dense convolution in channels-last layout, and the
@@ -627,6 +629,9 @@ def prepare(
             _warn_fallback(module, reason, stacklevel=4)
         return None
     weight = getattr(module, name)
+    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+        # Build (or load) the tap kernel now, in eager mode, not inside a torch.compile trace.
+        _tap_kernel.library()
     plan = TapExecution(execution, spatial_support(mask, weight.shape))
     if plan.reason is not None and execution == "taps" and not plan.kernel_may_run(module):
         _warn_fallback(module, plan.reason, stacklevel=4)
@@ -834,19 +839,24 @@ def run_boxes(
     compiling = torch.compiler.is_compiling()
     plan = _layout.__wrapped__ if compiling else _layout
     layout = plan(boxes, _geometry(module, one_d), tuple(x.shape[2:]), tuple(w.shape[2:]), one_d)
-    if x.device.type != "cpu" or compiling or _forward_ad_level() >= 0:
+    if x.device.type != "cpu" or (not compiling and _forward_ad_level() >= 0):
         y: Tensor = _composite(x, w, bias, layout, out_cl)
     elif _tap_kernel.applies(
         x, w, bias, layout.stride, layout.groups, layout.out_size, out_cl, _count(boxes)
     ):
         geo = _geometry(module, one_d)
-        offsets, index = _tap_kernel.tap_table(
-            _active_taps(boxes, one_d), tuple(w.shape[2:]), geo.dilation, geo.pad_left
-        )
-        composite_args = (layout, out_cl, _composite)
-        y = _tap_kernel.TapKernel.apply(  # type: ignore[no-untyped-call]
-            x, w, bias, offsets, index, layout.out_size, composite_args
-        )
+        active = (_active_taps.__wrapped__ if compiling else _active_taps)(boxes, one_d)
+        table = _tap_kernel.tap_table.__wrapped__ if compiling else _tap_kernel.tap_table
+        offsets, index = table(active, tuple(w.shape[2:]), geo.dilation, geo.pad_left)
+        if compiling:  # a custom op that torch.compile traces as one node
+            y = _tap_kernel.compiled_conv(x, w, bias, offsets, index, layout.out_size)
+        else:
+            composite_args = (layout, out_cl, _composite)
+            y = _tap_kernel.TapKernel.apply(  # type: ignore[no-untyped-call]
+                x, w, bias, offsets, index, layout.out_size, composite_args
+            )
+    elif compiling:
+        y = _composite(x, w, bias, layout, out_cl)
     else:
         y = FusedBoxes.apply(x, w, bias, layout, out_cl, _composite)  # type: ignore[no-untyped-call]
     if one_d:

@@ -7,6 +7,8 @@ Profiles: ``dev`` (default, fast) and ``ci`` (more examples, no deadline); pick 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -46,6 +48,16 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Iterator[None]:
+    """Forget compiled code after each test: tests compile the same functions many times,
+    with other guards each, and dynamo compiles one function at most 8 times."""
+    yield
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
 
 
 @pytest.fixture

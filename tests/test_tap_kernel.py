@@ -403,3 +403,78 @@ def test_deepcopy_of_a_layer_run_by_the_kernel() -> None:
     apply_mask(layer, cross3d(), execution="taps")
     x = torch.randn(1, 2, 4, 4, 4)
     torch.testing.assert_close(copy.deepcopy(layer)(x), layer(x))
+
+
+# -- under torch.compile -------------------------------------------------------------------------
+
+
+def _recording_backend(graphs: list[torch.fx.GraphModule]):  # type: ignore[no-untyped-def]
+    """AOTAutograd that keeps the forward and backward graphs and runs them as they are."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def record(gm: torch.fx.GraphModule, example_inputs: object) -> object:
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record)
+
+
+def _ops(graphs: list[torch.fx.GraphModule]) -> list[str]:
+    return [str(node.target) for gm in graphs for node in gm.graph.nodes]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_runs_the_kernel_as_a_custom_op(dynamic: bool) -> None:
+    layer = nn.Conv3d(4, 16, 3, padding=1)
+    dense, tapped = twins(layer, cross3d(), "taps")
+    graphs: list[torch.fx.GraphModule] = []
+    compiled = torch.compile(
+        tapped, fullgraph=True, dynamic=dynamic, backend=_recording_backend(graphs)
+    )
+    for shape in [(2, 4, 5, 6, 7), (1, 4, 6, 5, 8)]:
+        x = torch.randn(shape)
+        grad = torch.randn(shape[0], 16, *shape[2:])
+        assert_same(run(dense, x, grad), run(compiled, x, grad), rtol=1e-4, atol=1e-4)
+    ops = _ops(graphs)
+    assert "maskparam.tap_conv.default" in ops  # forward graph
+    assert "maskparam.tap_conv_backward.default" in ops  # backward graph
+    assert not any("convolution" in op for op in ops)
+
+
+@needs_kernel
+def test_torch_compile_with_inductor_matches_dense() -> None:
+    layer = nn.Conv2d(3, 32, 5, padding=2)
+    dense, tapped = twins(layer, causal_type_a(5), "taps")
+    compiled = torch.compile(tapped, fullgraph=True)
+    x = torch.randn(2, 3, 9, 10)
+    grad = torch.randn(2, 32, 9, 10)
+    assert_same(run(dense, x, grad), run(compiled, x, grad), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_torch_compile_falls_back_to_the_boxes_where_the_kernel_does_not_apply() -> None:
+    layer = nn.Conv3d(4, 16, 3, padding=1, stride=2)
+    dense, tapped = twins(layer, cross3d(), "taps")
+    graphs: list[torch.fx.GraphModule] = []
+    compiled = torch.compile(tapped, fullgraph=True, backend=_recording_backend(graphs))
+    x = torch.randn(2, 4, 6, 7, 8)
+    assert_same(run(dense, x), run(compiled, x), rtol=1e-4, atol=1e-4)
+    assert not any("maskparam" in op for op in _ops(graphs))
+
+
+@needs_kernel
+def test_custom_ops_pass_opcheck() -> None:
+    x = torch.randn(2, 3, 4, 5, 6, requires_grad=True)
+    w = torch.where(cross3d(), torch.randn(8, 3, 3, 3, 3), 0).requires_grad_()
+    b = torch.randn(8, requires_grad=True)
+    offsets, index = _tap_kernel.tap_table(
+        tuple(map(tuple, cross3d().nonzero().tolist())), (3, 3, 3), (1, 1, 1), (1, 1, 1)
+    )
+    torch.library.opcheck(torch.ops.maskparam.tap_conv, (x, w, b, offsets, index, [4, 5, 6]))
+    grad = torch.randn(2, 8, 4, 5, 6)
+    torch.library.opcheck(
+        torch.ops.maskparam.tap_conv_backward,
+        (grad, x.detach(), w.detach(), offsets, index, [True, True, True]),
+    )
