@@ -58,6 +58,8 @@ def library() -> ctypes.CDLL | None:
                 _state["lib"] = _load()
             except _Unavailable as reason:
                 _state["lib"], _state["why"] = None, str(reason)
+            except OSError as error:  # the source unreadable, say: never fail the caller
+                _state["lib"], _state["why"] = None, f"it cannot be loaded: {error}"
     lib = _state["lib"]
     return lib
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,6 +362,18 @@ def test_a_missing_compiler_is_a_reason_not_an_error(tmp_path: os.PathLike[str])
     assert why in ("no C compiler found (set CC to one)", "it needs a CPU with AVX-512") or (
         why.startswith("it needs an x86-64 CPU")
     )
+
+
+def test_a_missing_source_is_a_reason_not_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]
+) -> None:
+    monkeypatch.setattr(_tap_kernel, "_state", {})
+    monkeypatch.setattr(_tap_kernel, "SOURCE", Path(tmp_path) / "missing.c")
+    monkeypatch.setenv("MASKPARAM_CACHE_DIR", str(tmp_path))
+    assert _tap_kernel.library() is None
+    assert _tap_kernel.status() != "ready"
+    layer = apply_mask(nn.Conv3d(2, 4, 3, padding=1), cross3d(), execution="taps")
+    assert layer(torch.randn(1, 2, 4, 4, 4)).shape == (1, 4, 4, 4, 4)
 
 
 def test_masked_layer_works_where_the_kernel_cannot_be_built(tmp_path: os.PathLike[str]) -> None:
