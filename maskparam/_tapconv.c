@@ -361,7 +361,7 @@ static int wg_channels(const float* x, const float* g, float* gw, float* gb, int
 #pragma omp barrier
         if (!failed) {
             float* accw = acc_all + (int64_t)tid * (G + O);
-            float* accb = accw + G;
+            float* accb = gb ? accw + G : NULL; /* no bias sums unless asked for */
 #pragma omp for schedule(static)
             for (int64_t job = 0; job < N * Do; job++) {
                 int64_t n = job / Do, q = job % Do;
