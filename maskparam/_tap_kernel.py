@@ -370,21 +370,13 @@ class TapKernel(torch.autograd.Function):
 # -- under torch.compile: the same kernel as custom ops ----------------------------------------
 
 
-@torch.library.custom_op(
+_tap_conv_op = torch.library.custom_op(
     "maskparam::tap_conv",
+    conv,
     mutates_args=(),
     schema="(Tensor x, Tensor w, Tensor? bias, Tensor offsets, Tensor index, "
     "SymInt[] out_size) -> Tensor",
 )
-def _tap_conv_op(
-    x: Tensor,
-    w: Tensor,
-    bias: Tensor | None,
-    offsets: Tensor,
-    index: Tensor,
-    out_size: Sequence[int],
-) -> Tensor:
-    return conv(x, w, bias, offsets, index, out_size)
 
 
 @_tap_conv_op.register_fake
@@ -452,5 +444,5 @@ def compiled_conv(
 
     Differentiable once (torch.compile supports no double backward anyway).
     """
-    out: Tensor = torch.ops.maskparam.tap_conv(x, w, bias, offsets, index, list(out_size))
+    out: Tensor = _tap_conv_op(x, w, bias, offsets, index, list(out_size))
     return out

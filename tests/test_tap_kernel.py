@@ -156,18 +156,22 @@ def test_kernel_gradcheck_in_float32() -> None:
     assert torch.autograd.gradcheck(fn, (x, w, b), eps=0.25, atol=2e-3, rtol=2e-3)
 
 
+def double_backward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input gradient of ``sum(model(x)**2)``, kept as a graph, and that of its square."""
+    x = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(model(x).pow(2).sum(), x, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.pow(2).sum(), x)
+    return gx.detach(), ggx
+
+
 @needs_kernel
 def test_kernel_double_backward_matches_dense() -> None:
     layer = nn.Conv2d(3, 16, 5, padding=2)
     dense, tapped = twins(layer, causal_type_a(5), "taps")
     x = torch.randn(2, 3, 8, 9)
-    results = []
-    for model in (dense, tapped):
-        xi = x.clone().requires_grad_()
-        (gx,) = torch.autograd.grad(model(xi).pow(2).sum(), xi, create_graph=True)
-        (ggx,) = torch.autograd.grad(gx.pow(2).sum(), xi)
-        results.append((gx.detach(), ggx))
-    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        double_backward(tapped, x), double_backward(dense, x), rtol=1e-4, atol=1e-4
+    )
 
 
 @needs_kernel
@@ -300,13 +304,9 @@ def test_fragmented_mask_double_backward_matches_dense() -> None:
     dense, tapped = twins(layer, mask, "taps")
     assert tapped.__dict__[_forward.EXECUTION_ATTR].boxes is None
     x = torch.randn(1, 2, 5, 6, 7)
-    results = []
-    for model in (dense, tapped):
-        xi = x.clone().requires_grad_()
-        (gx,) = torch.autograd.grad(model(xi).pow(2).sum(), xi, create_graph=True)
-        (ggx,) = torch.autograd.grad(gx.pow(2).sum(), xi)
-        results.append((gx.detach(), ggx))
-    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        double_backward(tapped, x), double_backward(dense, x), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_tap_table_offsets_and_indices() -> None:
