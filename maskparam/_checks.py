@@ -55,6 +55,18 @@ def as_bool_mask(mask: Any, caller: str) -> Tensor:
             ) from None
     mask = mask.detach()
     assert isinstance(mask, Tensor)
+    if mask.is_meta:
+        raise ValueError(
+            f"{caller} expects a mask with values. Got a tensor on the meta device, which has "
+            "none; build the mask on the CPU (a meta model takes a CPU mask and keeps it "
+            "through to_empty)."
+        )
+    if mask.is_nested or mask.layout != torch.strided:
+        kind = "nested" if mask.is_nested else f"layout={mask.layout}"
+        raise TypeError(
+            f"{caller} expects a dense (strided) mask tensor. Got a {kind} tensor; convert it "
+            "with .to_dense() first."
+        )
     if mask.dtype == torch.bool:
         return mask
     if mask.is_complex():

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from maskparam import _checks, _forward, _module_class, taps
-from maskparam.parametrizations import BiasMask, FixedMask
+from maskparam import _checks, _forward, _module_class, _transaction, taps
+from maskparam.parametrizations import BiasMask, FixedMask, channel_activity
 from maskparam.partial import DATA_BIAS_MODES
 
 __all__ = ["BiasMode", "apply_mask", "get_mask", "is_masked", "remove_mask", "set_mask"]
@@ -113,27 +113,20 @@ def apply_mask(
                 [0, 1, 0]], dtype=torch.int32)
     """
     weight, mask, bias_mask, execution_plan = _prepare(module, mask, name, bias_mode, execution)
-    _checks.warn_if_empty(mask, f"{type(module).__name__}.{name}")
-
-    mask = mask.to(weight.device)
-    try:
-        parametrize.register_parametrization(module, name, FixedMask(mask))
+    _checks.warn_if_empty(mask, f"{_kind(module)}.{name}")
+    with _transaction.atomic([module]):
+        _module_class.record_parameter_order(module)
+        parametrize.register_parametrization(module, name, FixedMask(mask).to(weight.device))
         if bias_mask is not None:
             parametrize.register_parametrization(module, "bias", bias_mask)
-    except BaseException:
-        # Unreachable after the checks above, but never leave half a mask behind.
-        for tensor_name in (name, "bias"):
-            if _checks.parametrizations_of(module, tensor_name):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
-        raise
-    # Options that change how the convolution runs (see maskparam._forward) are recorded on
-    # the module here, before adopt() builds its class.
-    if bias_mode in DATA_BIAS_MODES:
-        module.__dict__[_forward.BIAS_MODE_ATTR] = bias_mode
-    if execution_plan is not None:
-        module.__dict__[_forward.EXECUTION_ATTR] = execution_plan
-        taps.watch(module)
-    _module_class.adopt(module)
+        # Options that change how the convolution runs (see maskparam._forward) are recorded
+        # on the module here, before adopt() builds its class.
+        if bias_mode in DATA_BIAS_MODES:
+            module.__dict__[_forward.BIAS_MODE_ATTR] = bias_mode
+        if execution_plan is not None:
+            module.__dict__[_forward.EXECUTION_ATTR] = execution_plan
+            taps.watch(module)
+        _module_class.adopt(module)
     return module
 
 
@@ -167,16 +160,17 @@ def remove_mask(module: nn.Module, *, name: str = "weight", bake: bool = True) -
     _checks.check_module(module, "remove_mask")
     _check_removable(module, name, bake)
     owned_bias = name == "weight" and _bias_mask_of(module) is not None
-    for tensor_name in (name, "bias") if owned_bias else (name,):
-        if not bake:
-            _unhide(*_mask_and_original(module, tensor_name))
-        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=bake)
-    if name == "weight":
-        taps.unwatch(module)
-        for attr in _forward.ATTRS:
-            module.__dict__.pop(attr, None)
+    with _transaction.atomic([module]):
+        for tensor_name in (name, "bias") if owned_bias else (name,):
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=bake)
+        if name == "weight":
+            taps.unwatch(module)
+            for attr in _forward.ATTRS:
+                module.__dict__.pop(attr, None)
         if parametrize.is_parametrized(module):
-            _module_class.adopt(module)  # rebuilt without the forward override
+            _module_class.adopt(module)  # rebuilt without what was removed
+        else:
+            _module_class.restore_parameter_order(module)
     return module
 
 
@@ -195,7 +189,8 @@ def is_masked(module: nn.Module, name: str = "weight") -> bool:
 def get_mask(module: nn.Module, name: str = "weight") -> Tensor:
     """Return a copy of the boolean mask on ``module.<name>``, in the shape it was given.
 
-    Use :func:`set_mask` to change it: editing the copy changes nothing.
+    Use :func:`set_mask` to change it: editing the copy changes nothing. On a model built
+    on the meta device, the mask is returned on the CPU, with its values.
 
     Raises:
         ValueError: If ``module.<name>`` is not masked.
@@ -206,7 +201,7 @@ def get_mask(module: nn.Module, name: str = "weight") -> Tensor:
         tensor([ True, False,  True])
     """
     _checks.check_module(module, "get_mask")
-    return _the_fixed_mask(module, name, "get_mask").mask.clone()
+    return _the_fixed_mask(module, name, "get_mask").values.clone()
 
 
 def set_mask(module: nn.Module, mask: Tensor | Any, name: str = "weight") -> nn.Module:
@@ -237,23 +232,23 @@ def set_mask(module: nn.Module, mask: Tensor | Any, name: str = "weight") -> nn.
     fixed = _the_fixed_mask(module, name, "set_mask")
     new = _checks.as_bool_mask(mask, "set_mask")
     _, weight = _mask_and_original(module, name)
-    where = f"{parametrize.type_before_parametrizations(module).__name__}.{name}"
+    where = f"{_kind(module)}.{name}"
     _checks.check_mask_fits(new, weight, where, "set_mask")
     bias = _bias_mask_of(module) if name == "weight" else None
     bias_new = None
     if bias is not None and bias.mode == "channel":
-        bias_new = _channel_activity(module, weight, new)
+        bias_new = channel_activity(module, weight.shape, new)
     execution = module.__dict__.get(_forward.EXECUTION_ATTR) if name == "weight" else None
     execution_new = None
     if isinstance(execution, taps.TapExecution):
         execution_new = execution.replanned(module, new, weight.shape)
     _checks.warn_if_empty(new, where)
-
-    _swap_mask(fixed, weight, new)
-    if bias is not None and bias_new is not None:
-        _swap_mask(*_mask_and_original(module, "bias"), bias_new)
-    if execution_new is not None:
-        module.__dict__[_forward.EXECUTION_ATTR] = execution_new
+    with _transaction.atomic([module]):
+        fixed.set_mask(new)
+        if bias is not None and bias_new is not None:
+            bias.set_mask(bias_new)
+        if execution_new is not None:
+            module.__dict__[_forward.EXECUTION_ATTR] = execution_new
     return module
 
 
@@ -269,25 +264,6 @@ def _mask_and_original(module: nn.Module, name: str) -> tuple[FixedMask, Tensor]
     return fixed, original
 
 
-def _unhide(fixed: FixedMask, original: Tensor) -> None:
-    """Put the values ``fixed`` hides back into the stored ``original`` at masked entries."""
-    if fixed.hidden is not None:
-        with torch.no_grad():
-            original.copy_(torch.where(fixed.mask, original, fixed.hidden))
-
-
-def _swap_mask(fixed: FixedMask, original: Tensor, new: Tensor) -> None:
-    """Give ``fixed`` the mask ``new``; taps it switches back on get their hidden values."""
-    old, new = fixed.mask, new.to(fixed.mask.device, copy=True)
-    if fixed.hidden is not None:
-        hidden = fixed.hidden
-        with torch.no_grad():
-            original.copy_(torch.where(new & ~old, hidden, original))
-            # Newly masked taps hide their current values; still-masked ones keep theirs.
-            fixed.hidden = torch.where(new, 0, torch.where(old, original, hidden))
-    fixed.mask = new
-
-
 def _prepare(
     module: nn.Module, mask: Tensor | Any, name: str, bias_mode: str, execution: str = "dense"
 ) -> tuple[Tensor, Tensor, BiasMask | None, taps.TapExecution | None]:
@@ -300,7 +276,7 @@ def _prepare(
     _checks.check_module(module, "apply_mask")
     weight = _unmasked_parameter(module, name)
     mask = _checks.as_bool_mask(mask, "apply_mask")
-    where = f"{type(module).__name__}.{name}"
+    where = f"{_kind(module)}.{name}"
     _checks.check_mask_fits(mask, weight, where, "apply_mask")
     bias_mask = _bias_mask_for(module, weight, name, mask, bias_mode)
     return weight, mask, bias_mask, taps.prepare(module, mask, name, execution, bias_mode)
@@ -312,16 +288,26 @@ def _check_removable(module: nn.Module, name: str, bake: bool) -> None:
     :func:`maskparam.model.remove_masks` runs it on every masked tensor before it removes
     any, so a check that ``remove_mask`` needs belongs here.
     """
+    check_bake(bake, "remove_mask")
     _the_fixed_mask(module, name, "remove_mask")
     data_bias = module.__dict__.get(_forward.BIAS_MODE_ATTR) if name == "weight" else None
     if bake and data_bias is not None:
         raise ValueError(
             f"remove_mask(bake=True) would leave a plain "
-            f"{parametrize.type_before_parametrizations(module).__name__}, which cannot compute "
+            f"{_kind(module)}, which cannot compute "
             f"bias_mode={data_bias!r}: it would add the bias everywhere and not rescale. Keep "
             "the module masked (it saves, copies and compiles as it is), or call "
             "remove_mask(module, bake=False) to drop the mask and the bias mode and get the "
             "stored weights back (copy module.weight first to keep the masked values)."
+        )
+
+
+def check_bake(bake: object, caller: str) -> None:
+    """Raise ``TypeError`` unless ``bake`` is a bool: ``bake="no"`` must not bake."""
+    if not isinstance(bake, bool):
+        raise TypeError(
+            f"{caller} expects bake to be True (keep the masked values) or False (give the "
+            f"masked taps their stored values back). Got {bake!r} of type {type(bake).__name__}."
         )
 
 
@@ -330,7 +316,7 @@ def _unmasked_parameter(module: nn.Module, name: str) -> Tensor:
     if not isinstance(name, str):
         raise TypeError(f"apply_mask expects name to be a str. Got {type(name).__name__}.")
     existing = _checks.parametrizations_of(module, name)
-    kind = type(module).__name__
+    kind = _kind(module)
     if any(isinstance(p, FixedMask) for p in existing):
         raise ValueError(
             f"{kind}.{name} is already masked. To change its mask use "
@@ -363,7 +349,7 @@ def _the_fixed_mask(module: nn.Module, name: str, caller: str) -> FixedMask:
     """The FixedMask on ``module.<name>``, which must be its only parametrization."""
     existing = _checks.parametrizations_of(module, name)
     masks = [p for p in existing if isinstance(p, FixedMask)]
-    kind = parametrize.type_before_parametrizations(module).__name__
+    kind = _kind(module)
     if not masks:
         raise ValueError(
             f"{caller} expects a masked parameter, but {kind}.{name} is not masked. "
@@ -400,7 +386,7 @@ def _bias_mask_for(
         )
     if bias_mode == "keep":
         return None
-    kind = type(module).__name__
+    kind = _kind(module)
     if name != "weight":
         raise ValueError(
             f"bias_mode={bias_mode!r} applies when masking a layer's weight. Got "
@@ -428,30 +414,22 @@ def _bias_mask_for(
             "already parametrized. Use bias_mode='keep'."
         )
     if bias_mode == "zero":
-        return BiasMask(torch.zeros(bias.shape, dtype=torch.bool, device=bias.device), "zero")
-    active = _channel_activity(module, weight, mask)
+        return BiasMask(torch.zeros(bias.shape, dtype=torch.bool), "zero").to(bias.device)
+    if bias.numel() == 0:
+        raise ValueError(
+            "bias_mode='channel' holds the bias of each output channel whose filter is fully "
+            f"masked, so it needs at least one output channel. Got {kind} with "
+            f"bias.shape={tuple(bias.shape)}; use bias_mode='keep' or 'zero'."
+        )
+    active = channel_activity(module, weight.shape, mask)
     if active.shape != bias.shape:
         raise ValueError(
             f"bias_mode='channel' expects one bias per output channel. Got "
             f"{kind}.bias.shape={tuple(bias.shape)} for {active.numel()} output channels."
         )
-    return BiasMask(active.to(bias.device), "channel")
+    return BiasMask(active, "channel").to(bias.device)
 
 
-def _channel_activity(module: nn.Module, weight: Tensor, mask: Tensor) -> Tensor:
-    """One bool per output channel: does its filter keep at least one tap under ``mask``?"""
-    base = parametrize.type_before_parametrizations(module)
-    full = mask.to(weight.device).expand(weight.shape)
-    if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
-        # ConvTranspose weight is (in, out // groups, *k); output channel g * (out // groups) + j
-        # reads the in-channels of group g.
-        groups = module.groups
-        per_group = full.reshape(groups, full.shape[0] // groups, full.shape[1], -1)
-        return per_group.any(dim=3).any(dim=1).reshape(-1)
-    if issubclass(base, (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)):
-        return full.reshape(full.shape[0], -1).any(dim=1)
-    raise ValueError(
-        "bias_mode='channel' needs to know which weight entries feed each output channel, "
-        "which it knows for Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear and Bilinear. "
-        f"Got {base.__name__}; use bias_mode='keep' or 'zero'."
-    )
+def _kind(module: nn.Module) -> str:
+    """The layer's own class name, never the generated ``Parametrized...`` one."""
+    return parametrize.type_before_parametrizations(module).__name__

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from maskparam import _checks, apply
+from maskparam import _checks, _transaction, apply
 from maskparam.apply import BiasMode, apply_mask, remove_mask
 from maskparam.parametrizations import BiasMask, FixedMask
 from maskparam.taps import EXECUTIONS, Execution
@@ -116,20 +116,14 @@ def apply_masks(
                 f"apply_masks could not mask {name!r} ({type(module).__name__}), so it masked "
                 f"nothing. {err}"
             ) from None
-    done: list[nn.Module] = []
-    try:
+    # Inside the transaction: with warnings as errors, a warning masks nothing.
+    with _transaction.atomic(module for _, module, _ in plan):
         for name, module, mask in plan:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 apply_mask(module, mask, bias_mode=bias_mode, execution=execution)
-            done.append(module)
             for warning in caught:  # Again, with the layer's name, which apply_mask lacks.
                 warnings.warn(f"{name!r}: {warning.message}", warning.category, stacklevel=2)
-    except BaseException:
-        # The checks above cover what apply_mask checks; this only guards the unexpected.
-        for module in reversed(done):
-            remove_mask(module, bake=False)
-        raise
     return [name for name, _, _ in plan]
 
 
@@ -161,6 +155,7 @@ def remove_masks(model: nn.Module, *, bake: bool = True) -> list[str]:
         (['Conv1d', 'Conv1d'], 0.0)
     """
     _checks.check_module(model, "remove_masks")
+    apply.check_bake(bake, "remove_masks")
     plan: list[tuple[str, nn.Module, list[str]]] = []
     for name, module in _layers(model):
         names = [t for t in _masked_tensors(module) if not _held_by_weight(module, t)]
@@ -173,9 +168,10 @@ def remove_masks(model: nn.Module, *, bake: bool = True) -> list[str]:
                 ) from None
         if names:
             plan.append((name, module, names))
-    for _, module, names in plan:
-        for tensor_name in names:
-            remove_mask(module, name=tensor_name, bake=bake)
+    with _transaction.atomic(module for _, module, _ in plan):
+        for _, module, names in plan:
+            for tensor_name in names:
+                remove_mask(module, name=tensor_name, bake=bake)
     return [name for name, _, _ in plan]
 
 

@@ -6,15 +6,17 @@ it, and nothing else. Choosing where to register them is the job of :mod:`maskpa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from maskparam._checks import as_bool_mask
 
-__all__ = ["BiasMask", "FixedMask"]
+__all__ = ["BiasMask", "FixedMask", "channel_activity"]
 
 
 class FixedMask(nn.Module):
@@ -28,22 +30,25 @@ class FixedMask(nn.Module):
 
     The mask is a boolean buffer named ``mask``: it is saved in ``state_dict``, moved by
     ``.to(device)`` and stays boolean through ``.half()`` or ``.double()``. It may have any
-    shape that broadcasts to the parametrized tensor.
+    shape that broadcasts to the parametrized tensor. A mask is a fixed property of the
+    layer, not data: on the meta device it keeps its values aside, and
+    :meth:`~torch.nn.Module.to_empty` gives the new buffer those values instead of
+    uninitialised memory.
 
-    The stored original is an ordinary parameter, so an optimizer still applies weight
-    decay, and momentum or Adam state from before masking, to its masked entries: harmless
-    for the output, but those entries drift. So the parametrization also keeps ``hidden``:
-    the values the mask hides, taken when the original is stored (at registration, or when
-    ``module.weight = tensor`` is assigned), zero at the kept entries. Removing the mask
-    without baking (:func:`~maskparam.remove_mask` with ``bake=False``) puts them back. It
-    travels with ``state_dict`` as this module's extra state (so DDP, which broadcasts
-    buffers on every step, does not send it), and with ``.to()``, ``deepcopy`` and pickling.
+    The stored original keeps its values at masked entries: they are what
+    :func:`~maskparam.remove_mask` with ``bake=False`` gives back. Weight decay, and momentum
+    or Adam state from before masking, would move them inside an optimizer step, so on a
+    module masked by :func:`~maskparam.apply_mask` maskparam holds them aside for the length
+    of every :mod:`torch.optim` step and puts them back bitwise afterwards
+    (:mod:`maskparam._optim`). Between steps there is no copy: a masked layer costs its
+    weights and its mask.
 
     Args:
         mask: Boolean tensor, or numbers that are all 0 or 1. True keeps an entry.
 
     Raises:
-        ValueError: If ``mask`` holds values other than 0 and 1, or NaN.
+        TypeError: If ``mask`` is not tensor-like, or is complex, sparse or nested.
+        ValueError: If ``mask`` holds values other than 0 and 1, or NaN, or none (meta).
 
     Example:
         >>> from torch.nn.utils import parametrize
@@ -56,55 +61,101 @@ class FixedMask(nn.Module):
     """
 
     mask: Tensor
-    hidden: Tensor | None
 
     def __init__(self, mask: Any) -> None:
         super().__init__()
-        # A copy: the caller's tensor, perhaps given to many layers, must not alias this one.
-        self.register_buffer("mask", as_bool_mask(mask, type(self).__name__).clone())
-        self.hidden = None  # set by right_inverse when the original is stored
+        # A copy, made outside inference mode so that autograd may save it later: the
+        # caller's tensor, perhaps given to many layers, must not alias this one.
+        with torch.inference_mode(False):
+            values = as_bool_mask(mask, type(self).__name__).clone()
+        self.register_buffer("mask", values)
+        self._stored = False  # the first right_inverse is parametrize storing the original
+
+    @property
+    def values(self) -> Tensor:
+        """The mask's values as a real tensor: the buffer, or its copy aside while on meta."""
+        values: Tensor = self.__dict__["_meta_values"] if self.mask.is_meta else self.mask
+        return values
+
+    def set_mask(self, mask: Tensor, device: torch.device | None = None) -> None:
+        """Replace the mask buffer by a copy of ``mask`` (bool), on ``device`` or its own.
+
+        Masks on the meta device keep their values aside on the CPU.
+        """
+        device = self.mask.device if device is None else device
+        with torch.inference_mode(False):
+            self.mask = mask.to(device=device, dtype=torch.bool, copy=True)
+            self._keep_values_aside(mask)
+
+    def _keep_values_aside(self, source: Tensor) -> None:
+        """On meta, keep a CPU copy of ``source`` (real values); elsewhere, keep none."""
+        if self.mask.is_meta:
+            self.__dict__["_meta_values"] = source.detach().to("cpu", torch.bool, copy=True)
+        else:
+            self.__dict__.pop("_meta_values", None)
 
     def forward(self, X: Tensor) -> Tensor:
         """Return ``X`` with the entries where ``mask`` is False set to exactly zero."""
         return torch.where(self.mask, X, 0)
 
     def right_inverse(self, X: Tensor) -> Tensor:
-        """Store ``X`` as given, masked entries included, and remember what the mask hides.
+        """Store ``X`` as given, masked entries included.
 
-        The forward masks on every access, so the stored values at masked entries never
-        matter until the mask is removed with ``bake=False``, which gives them back from
-        ``hidden`` even if an optimizer has moved the stored ones since.
+        When the parametrization is registered, ``X`` is the parameter itself and is kept.
+        Assigned later (``module.weight = t``), ``X`` is copied onto the mask's device, so
+        the stored original never shares memory with the caller's ``t``.
         """
-        same_kind = self.hidden is None or (
-            X.dtype == self.hidden.dtype and X.shape == self.hidden.shape
-        )
-        if same_kind:  # else parametrize refuses the assignment: keep what we have.
-            self.hidden = torch.where(self.mask, 0, X.detach())
-        return X
-
-    def get_extra_state(self) -> Tensor | None:
-        """``hidden``, saved in ``state_dict`` under ``<prefix>_extra_state``."""
-        return self.hidden
-
-    def set_extra_state(self, state: Any) -> None:
-        """Load ``hidden`` from a ``state_dict``, onto the device of the mask."""
-        if state is not None and not isinstance(state, Tensor):
-            raise TypeError(
-                f"{type(self).__name__} expects its extra state (the values the mask hides) "
-                f"as a tensor or None. Got {type(state).__name__}."
-            )
-        self.hidden = None if state is None else state.detach().to(self.mask.device, copy=True)
+        if not self._stored:
+            self._stored = True
+            return X
+        with torch.inference_mode(False):
+            return X.detach().to(self.mask.device, copy=True)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FixedMask:
-        # ``hidden`` is a plain attribute, not a buffer: convert and move it like one.
+        # A conversion must not change which entries are masked: ``to_empty`` would give the
+        # buffer uninitialised memory. Give the new buffer the mask's own values.
+        source = self.values
+        before = self.mask
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
-        if self.hidden is not None:
-            self.hidden = fn(self.hidden)
+        if self.mask is not before and not self.mask.is_meta:
+            with torch.no_grad():
+                self.mask.copy_(source.to(self.mask.device))
+        self._keep_values_aside(source)
         return self
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Checkpoints from maskparam 0.1 saved the hidden values as extra state; a masked
+        # module folds them into its original before this runs. Here they are only dropped,
+        # so that a strict load does not call them unexpected.
+        state_dict.pop(f"{prefix}{LEGACY_EXTRA_STATE}", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if not self.mask.is_meta:  # a load with assign=True may have materialised it
+            self.__dict__.pop("_meta_values", None)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Pickles from maskparam 0.1 carry ``hidden``; the masked module folds it in.
+        state.setdefault("_stored", True)
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
 
     def extra_repr(self) -> str:
         """Shape and active count, shown in the module's repr."""
-        return f"shape={tuple(self.mask.shape)}, active={int(self.mask.sum())}/{self.mask.numel()}"
+        values = self.values
+        return f"shape={tuple(values.shape)}, active={int(values.sum())}/{values.numel()}"
+
+
+LEGACY_EXTRA_STATE = "_extra_state"
+"""The key under which maskparam 0.1 saved the values a mask hides, in a masked state_dict."""
 
 
 class BiasMask(FixedMask):
@@ -135,3 +186,30 @@ class BiasMask(FixedMask):
     def extra_repr(self) -> str:
         """Mode, shape and active count, shown in the module's repr."""
         return f"mode={self.mode!r}, {super().extra_repr()}"
+
+
+def channel_activity(module: nn.Module, weight_shape: Sequence[int], mask: Tensor) -> Tensor:
+    """One bool per output channel: does its filter keep at least one entry under ``mask``?
+
+    Computed where ``mask`` lives (a meta model's mask is a CPU one).
+
+    Raises:
+        ValueError: If the module's kind does not say which weight entries feed which output
+            channel.
+    """
+    base = parametrize.type_before_parametrizations(module)
+    full = mask.expand(tuple(weight_shape))
+    if issubclass(base, nn.modules.conv._ConvNd) and module.transposed:
+        # ConvTranspose weight is (in, out // groups, *k); output channel g * (out // groups) + j
+        # reads the in-channels of group g.
+        groups: int = module.groups  # type: ignore[assignment]
+        taps = math.prod(full.shape[2:])
+        per_group = full.reshape(groups, full.shape[0] // groups, full.shape[1], taps)
+        return per_group.any(dim=3).any(dim=1).reshape(-1)
+    if issubclass(base, (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)):
+        return full.flatten(1).any(dim=1)
+    raise ValueError(
+        "bias_mode='channel' needs to know which weight entries feed each output channel, "
+        "which it knows for Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear and Bilinear. "
+        f"Got {base.__name__}; use bias_mode='keep' or 'zero'."
+    )

@@ -703,7 +703,7 @@ def test_bake_false_restores_masked_taps_after_training(
     assert conv.weight is stored
 
 
-def test_hidden_values_are_kept_while_the_stored_copy_decays() -> None:
+def test_values_under_the_mask_never_move_in_an_optimizer_step() -> None:
     conv = nn.Conv1d(1, 1, 3, bias=False)
     with torch.no_grad():
         conv.weight.copy_(torch.tensor([[[1.0, 2.0, 3.0]]]))
@@ -711,22 +711,35 @@ def test_hidden_values_are_kept_while_the_stored_copy_decays() -> None:
     opt = torch.optim.AdamW(conv.parameters(), lr=0.1, weight_decay=0.5)
     _train(conv, opt, torch.randn(1, 1, 4), 5)
     stored = conv.parametrizations.weight.original
-    assert stored[0, 0, 1] != 2.0  # weight decay reached the stored copy...
-    assert conv.weight[0, 0, 1] == 0.0  # ...never the weight...
-    assert conv.parametrizations.weight[0].hidden[0, 0, 1] == 2.0  # ...and the value is kept
+    assert stored[0, 0, 0] != 1.0  # the active taps trained...
+    assert stored[0, 0, 1] == 2.0  # ...weight decay never reached the masked one
+    assert conv.weight[0, 0, 1] == 0.0
 
 
-def test_set_mask_brings_back_hidden_values_and_hides_current_ones() -> None:
+def test_a_masked_layer_stores_one_tensor_and_its_mask() -> None:
+    conv = apply_mask(nn.Conv2d(4, 8, 3), PLUS)
+    assert sorted(conv.state_dict()) == [
+        "bias",
+        "parametrizations.weight.0.mask",
+        "parametrizations.weight.original",
+    ]
+    assert not any(
+        isinstance(v, torch.Tensor) and v.shape == conv.weight.shape
+        for k, v in vars(conv.parametrizations.weight[0]).items()
+    )
+
+
+def test_set_mask_brings_back_stored_values_and_keeps_current_ones() -> None:
     conv = nn.Conv1d(1, 1, 3, bias=False)
     with torch.no_grad():
         conv.weight.copy_(torch.tensor([[[1.0, 2.0, 3.0]]]))
     apply_mask(conv, [1, 0, 1])
     with torch.no_grad():
-        conv.parametrizations.weight.original.copy_(torch.tensor([[[10.0, -5.0, 30.0]]]))
-    set_mask(conv, [0, 1, 1])  # tap 1 back on with its value 2.0; tap 0 hides 10.0
-    assert torch.equal(conv.weight.detach(), torch.tensor([[[0.0, 2.0, 30.0]]]))
+        conv.parametrizations.weight.original[0, 0, 0] = 10.0  # trained, say
+    set_mask(conv, [0, 1, 1])  # tap 1 back on with its value 2.0; tap 0 keeps 10.0 stored
+    assert torch.equal(conv.weight.detach(), torch.tensor([[[0.0, 2.0, 3.0]]]))
     set_mask(conv, [1, 1, 1])
-    assert torch.equal(conv.weight.detach(), torch.tensor([[[10.0, 2.0, 30.0]]]))
+    assert torch.equal(conv.weight.detach(), torch.tensor([[[10.0, 2.0, 3.0]]]))
 
 
 def test_assigning_the_weight_sets_what_is_hidden() -> None:
@@ -746,36 +759,40 @@ def test_failed_weight_assignment_keeps_hidden_values() -> None:
     assert torch.equal(conv.weight, before)
 
 
-def test_hidden_values_follow_dtype_device_copy_and_state_dict() -> None:
+def test_stored_values_follow_dtype_device_copy_and_state_dict() -> None:
     conv = nn.Conv2d(1, 2, 3)
     before = conv.weight.detach().clone()
     apply_mask(conv, PLUS)
     conv.double()
-    assert conv.parametrizations.weight[0].hidden.dtype == torch.float64
     twin = copy.deepcopy(conv)
     other = apply_mask(nn.Conv2d(1, 2, 3).double(), PLUS)
     other.load_state_dict(conv.state_dict(), strict=True)
     for module in (conv, twin, other):
-        with torch.no_grad():
-            module.parametrizations.weight.original.mul_(0)
+        opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=0.5)
+        _train(module, opt, torch.randn(2, 1, 5, 5, dtype=torch.float64), 3)
         remove_mask(module, bake=False)
         assert torch.equal(module.weight[:, :, ~PLUS], before.double()[:, :, ~PLUS])
 
 
-def test_extra_state_must_be_a_tensor() -> None:
+def test_legacy_extra_state_must_be_a_tensor_of_the_weights_shape() -> None:
     conv = apply_mask(nn.Conv2d(1, 1, 3), PLUS)
-    state = conv.state_dict()
-    state["parametrizations.weight.0._extra_state"] = "not a tensor"
-    with pytest.raises(TypeError, match="values the mask hides"):
-        conv.load_state_dict(state)
+    before = {k: v.clone() for k, v in conv.state_dict().items()}
+    for bad, phrase in (("not a tensor", "Got str"), (torch.ones(1), r"Got shape \(1,\)")):
+        state = dict(conv.state_dict())
+        state["parametrizations.weight.original"] = torch.full((1, 1, 3, 3), 7.0)
+        state["parametrizations.weight.0._extra_state"] = bad
+        with pytest.raises(RuntimeError, match=rf"weight.0._extra_state.*{phrase}"):
+            conv.load_state_dict(state)
+        for key, value in conv.state_dict().items():  # nothing of the layer was loaded
+            assert torch.equal(value, before[key])
 
 
 def test_plain_checkpoint_values_come_back_on_bake_false() -> None:
     pretrained = nn.Conv2d(1, 2, 3)
     conv = apply_mask(nn.Conv2d(1, 2, 3), PLUS, bias_mode="zero")
     conv.load_state_dict(pretrained.state_dict(), strict=True)
-    with torch.no_grad():
-        conv.parametrizations.weight.original.mul_(0.5)  # as weight decay would
+    opt = torch.optim.AdamW(conv.parameters(), lr=0.1, weight_decay=0.5)
+    _train(conv, opt, torch.randn(2, 1, 5, 5), 3)
     remove_mask(conv, bake=False)
     assert torch.equal(conv.weight[:, :, ~PLUS], pretrained.weight[:, :, ~PLUS])
     assert torch.equal(conv.bias, pretrained.bias)

@@ -20,8 +20,8 @@ def test_mask_buffer_is_bool_named_mask_and_saved() -> None:
     fm = FixedMask(torch.tensor([1, 0, 1]))
     assert fm.mask.dtype == torch.bool
     assert dict(fm.named_buffers()) == {"mask": fm.mask}
-    # The values the mask hides are extra state, not a buffer (DDP broadcasts buffers).
-    assert set(fm.state_dict()) == {"mask", "_extra_state"}
+    # The values under the mask stay in the original: the mask saves only itself.
+    assert set(fm.state_dict()) == {"mask"}
 
 
 @pytest.mark.parametrize("convert", ["half", "double", "bfloat16", "float"])

@@ -1,0 +1,325 @@
+"""All or nothing under faults: every mutating call completes or leaves the model as it was.
+
+The fault injector traces the call line by line (maskparam's own code and torch's
+parametrize) and raises at the n-th line, for every n the call passes through, once with an
+exception and once with KeyboardInterrupt. After each failure the model must match a
+snapshot taken before the call: classes, parameter objects and their order, buffers, hooks
+and state_dict.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import maskparam
+from maskparam import apply_mask, apply_masks, masks, remove_mask, remove_masks, set_mask
+
+PLUS = masks.cross(3, ndim=2)
+TRACED = (
+    str(Path(maskparam.__file__).parent),
+    os.path.join("torch", "nn", "utils", "parametrize"),
+)
+UNTRACED = ("_transaction.py",)  # the rollback itself runs only after the fault
+
+
+class Injected(Exception):
+    pass
+
+
+def _model(**options: Any) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3), nn.Conv1d(1, 1, 3)
+    )
+    model[2].register_forward_hook(lambda *args: None)
+    return model
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything a failed call must leave as it was."""
+    state = {}
+    for name, module in model.named_modules():
+        state[f"{name}:class"] = type(module)
+        state[f"{name}:params"] = [(n, id(p)) for n, p in module.named_parameters(recurse=False)]
+        state[f"{name}:buffers"] = [(n, id(b)) for n, b in module.named_buffers(recurse=False)]
+        for hooks in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_load_state_dict_post_hooks",
+            "_state_dict_hooks",
+            "_load_state_dict_pre_hooks",
+        ):
+            state[f"{name}:{hooks}"] = list(getattr(module, hooks))
+        state[f"{name}:attrs"] = sorted(k for k in vars(module) if k.startswith("_maskparam"))
+    state["named_parameters"] = [(n, id(p)) for n, p in model.named_parameters()]
+    state["state_dict"] = {k: v.clone() for k, v in model.state_dict().items()}
+    state["storage"] = [p.data_ptr() for p in model.parameters()]
+    return state
+
+
+def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert before.keys() == after.keys()
+    for key in before:
+        if key == "state_dict":
+            assert before[key].keys() == after[key].keys()
+            for name, value in before[key].items():
+                assert torch.equal(value, after[key][name]), name
+        else:
+            assert before[key] == after[key], key
+
+
+def _count_lines(call: Callable[[], object]) -> int:
+    count = 0
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal count
+        if not _traced(frame):
+            return None
+        if event == "line":
+            count += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def _traced(frame: FrameType) -> bool:
+    filename = frame.f_code.co_filename
+    return any(part in filename for part in TRACED) and not filename.endswith(UNTRACED)
+
+
+def _fail_at(n: int, error: type[BaseException], call: Callable[[], object]) -> bool:
+    """Run ``call``, raising ``error`` at its n-th traced line; whether it was raised."""
+    seen = 0
+    fired = False
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal seen, fired
+        if fired or not _traced(frame):
+            return None
+        if event == "line":
+            seen += 1
+            if seen == n:
+                fired = True
+                raise error("injected")
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        call()
+    except error:
+        pass
+    finally:
+        sys.settrace(None)
+    return fired
+
+
+def _every_step(
+    setup: Callable[[], nn.Module], call: Callable[[nn.Module], object], stride: int = 1
+) -> None:
+    """Fail at every traced line; the model must be as before, or as a finished call leaves it.
+
+    A fault after the last change (at the ``return``, say) reaches the caller although the
+    call is complete: the model is then exactly as a successful call leaves it.
+    """
+    done = setup()
+    lines = _count_lines(lambda: call(done))
+    assert lines > 20  # the tracer really sees the call
+    finished = _shape(snapshot(done))
+    for error in (Injected, KeyboardInterrupt):
+        for n in range(1, lines + 1, stride):
+            model = setup()
+            before = snapshot(model)
+            if _fail_at(n, error, lambda m=model: call(m)):
+                after = snapshot(model)
+                if _shape(after) != finished:
+                    assert_same(before, after)
+
+
+def _shape(state: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot with object ids and hook ids left out, to compare two models' states."""
+    shaped: dict[str, Any] = {}
+    for key, value in state.items():
+        if key.endswith(":class"):
+            shaped[key] = [cls.__name__ for cls in value.__mro__]
+        elif key.endswith((":params", ":buffers")) or key == "named_parameters":
+            shaped[key] = [name for name, _ in value]
+        elif key == "state_dict":
+            shaped[key] = {k: (v.dtype, v.shape, v.tolist()) for k, v in value.items()}
+        elif key != "storage":
+            shaped[key] = len(value) if isinstance(value, list) and "hooks" in key else value
+    return shaped
+
+
+def _masked(**options: Any) -> Callable[[], nn.Module]:
+    def setup() -> nn.Module:
+        model = _model()
+        apply_masks(model, PLUS, include=nn.Conv2d, **options)
+        apply_mask(model[3], [1, 0, 1])
+        return model
+
+    return setup
+
+
+OPTIONS = [{}, {"bias_mode": "channel"}, {"bias_mode": "valid"}, {"execution": "taps"}]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_apply_mask_is_all_or_nothing(options: dict[str, Any]) -> None:
+    _every_step(_model, lambda m: apply_mask(m[0], PLUS, **options))
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_apply_masks_is_all_or_nothing(options: dict[str, Any]) -> None:
+    _every_step(_model, lambda m: apply_masks(m, PLUS, include=nn.Conv2d, **options), stride=3)
+
+
+@pytest.mark.parametrize("bake", [True, False])
+@pytest.mark.parametrize("options", [{}, {"bias_mode": "channel"}, {"execution": "taps"}], ids=str)
+def test_remove_mask_is_all_or_nothing(options: dict[str, Any], bake: bool) -> None:
+    _every_step(_masked(**options), lambda m: remove_mask(m[0], bake=bake))
+
+
+@pytest.mark.parametrize("bake", [True, False])
+def test_remove_masks_is_all_or_nothing(bake: bool) -> None:
+    _every_step(_masked(bias_mode="channel"), lambda m: remove_masks(m, bake=bake), stride=2)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_set_mask_is_all_or_nothing(options: dict[str, Any]) -> None:
+    _every_step(_masked(**options), lambda m: set_mask(m[0], torch.eye(3)))
+
+
+def test_a_failure_on_the_second_layer_of_remove_masks_leaves_all_masked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = _masked()()
+    before = snapshot(model)
+    real = torch.nn.utils.parametrize.remove_parametrizations
+    calls = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils.parametrize, "remove_parametrizations", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        remove_masks(model)
+    assert_same(before, snapshot(model))
+
+
+def test_remove_mask_keeps_parameter_order_and_identity() -> None:
+    for bake in (True, False):
+        conv = nn.Conv2d(1, 2, 3)
+        before = [(n, id(p)) for n, p in conv.named_parameters()]
+        apply_mask(conv, PLUS, bias_mode="channel")
+        remove_mask(conv, bake=bake)
+        assert [(n, id(p)) for n, p in conv.named_parameters()] == before
+        norm = nn.LayerNorm(4)
+        before = [(n, id(p)) for n, p in norm.named_parameters()]
+        apply_mask(norm, [1, 0, 1, 1])
+        remove_mask(norm, bake=bake)
+        assert [(n, id(p)) for n, p in norm.named_parameters()] == before
+
+
+def test_optimizer_state_saved_before_masking_loads_after_unmasking() -> None:
+    norm = nn.LayerNorm(4)
+    with torch.no_grad():
+        norm.bias.fill_(1.0)
+    opt = torch.optim.SGD(norm.parameters(), lr=0.1, momentum=0.9)
+    norm(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    apply_mask(norm, [1, 0, 1, 1])
+    remove_mask(norm, bake=False)
+    fresh = torch.optim.SGD(norm.parameters(), lr=0.1, momentum=0.9)
+    fresh.load_state_dict(saved)
+    for param in norm.parameters():
+        assert torch.equal(
+            fresh.state[param]["momentum_buffer"], opt.state[param]["momentum_buffer"]
+        )
+
+
+def test_sigint_in_the_middle_leaves_the_model_fully_masked_or_not_at_all() -> None:
+    # A real SIGINT, sent by a thread at a random moment while the main thread masks and
+    # unmasks a model in a loop. Each KeyboardInterrupt must find the model consistent.
+    script = textwrap.dedent(
+        """
+        import os, random, signal, threading, time
+        import torch
+        from torch import nn
+        from maskparam import apply_masks, is_masked, masks, remove_masks
+
+        random.seed(0)
+        model = nn.Sequential(*[nn.Conv2d(4, 4, 3) for _ in range(12)])
+        interrupts = 0
+        for round in range(60):
+            timer = threading.Timer(random.uniform(0, 0.004),
+                                    lambda: os.kill(os.getpid(), signal.SIGINT))
+            try:
+                timer.start()
+                for _ in range(50):
+                    apply_masks(model, masks.cross(3, ndim=2), include=nn.Conv2d,
+                                bias_mode="channel")
+                    remove_masks(model, bake=False)
+                timer.join()
+                time.sleep(0.05)  # a signal not yet delivered lands here, inside the try
+            except KeyboardInterrupt:
+                interrupts += 1
+            timer.join()
+            state = {is_masked(layer) for layer in model}
+            assert len(state) == 1, f"half masked: {state}"
+            if state == {True}:
+                remove_masks(model)
+            assert all(type(layer) is nn.Conv2d for layer in model)
+            names = [n for n, _ in model.named_parameters()]
+            assert names == [f"{i}.{p}" for i in range(12) for p in ("weight", "bias")], names
+        print("interrupts", interrupts)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) > 30  # the signals really landed inside the calls
+
+
+def test_sigint_is_held_only_in_the_main_thread() -> None:
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            model = _model()
+            apply_masks(model, PLUS, include=nn.Conv2d)
+            remove_masks(model)
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert not errors
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
