@@ -762,17 +762,18 @@ def top_taps(weight: Tensor, k: int | None = None, *, fraction: float | None = N
         #..
         ...
     """
-    taps = _taps_of(weight)
-    count = _tap_count(k, fraction, taps.numel())
+    _check_conv_weight(weight)
+    count = _tap_count(k, fraction, math.prod(weight.shape[2:]))
+    norms = _tap_norms_squared(weight)
     # A stable descending sort keeps equal norms in raster order: ties go to the lower index.
-    order = torch.sort(taps.cpu(), descending=True, stable=True).indices
-    keep = torch.zeros(taps.numel(), dtype=torch.bool)
+    order = torch.sort(norms.cpu(), descending=True, stable=True).indices
+    keep = torch.zeros(norms.numel(), dtype=torch.bool)
     keep[order[:count]] = True
     return keep.reshape(weight.shape[2:])
 
 
-def _taps_of(weight: object) -> Tensor:
-    """The squared L2 norm of each tap of a conv weight over its channel pairs, flat."""
+def _check_conv_weight(weight: object) -> None:
+    """Raise unless ``weight`` is a real tensor with values, of a conv weight's dims."""
     if not isinstance(weight, Tensor):
         hint = (
             " Pass its weight, such as conv.weight." if isinstance(weight, torch.nn.Module) else ""
@@ -800,6 +801,10 @@ def _taps_of(weight: object) -> Tensor:
         raise ValueError(
             f"top_taps expects a weight with at least one entry. Got shape={tuple(weight.shape)}."
         )
+
+
+def _tap_norms_squared(weight: Tensor) -> Tensor:
+    """The squared L2 norm of each tap of a conv weight over its channel pairs, flat."""
     dtype = torch.float32 if weight.dtype in _FLOAT32_NORMS else torch.float64
     w = weight.detach().to(dtype).flatten(0, 1).flatten(1)  # (channel pairs, taps)
     finite = torch.isfinite(w)
