@@ -216,6 +216,13 @@ def main() -> None:
         f"{dense_accuracy:.1f}% after {TRAIN_EPOCHS} epochs. Fine-tuning: {FINE_TUNE_EPOCHS} "
         f"epochs per pruned model. random: mean of {RANDOM_DRAWS} draws."
     )
+    spread = ", ".join(
+        f"{name}: {float(n.max() / n.min()):.2f}"
+        for name, m in trained.named_modules()
+        if is_conv(m)
+        for n in [m.weight.detach().square().sum(dim=(0, 1)).sqrt()]
+    )
+    print(f"Tap norms of the trained convs, largest / smallest of the 9 taps: {spread}.")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.machine()}, tap kernel: {kernel_status()}"
