@@ -23,8 +23,13 @@ from maskparam.taps import EXECUTIONS, Execution
 
 __all__ = ["Include", "LayerSummary", "MaskSummary", "apply_masks", "mask_summary", "remove_masks"]
 
-Include: TypeAlias = type[nn.Module] | str | Iterable[type[nn.Module] | str]
-"""Layer types and/or name patterns that select modules, see :func:`apply_masks`."""
+Predicate: TypeAlias = Callable[[str, nn.Module], bool]
+"""A test ``(name, module) -> bool`` that selects modules, see :func:`apply_masks`."""
+
+Include: TypeAlias = (
+    type[nn.Module] | str | Predicate | Iterable[type[nn.Module] | str | Predicate]
+)
+"""Layer types, name patterns and/or predicates that select modules, see :func:`apply_masks`."""
 
 
 def apply_masks(
@@ -46,10 +51,19 @@ def apply_masks(
     - a single mask, given to every module that ``include`` selects.
 
     ``include`` is layer types, :func:`fnmatch.fnmatchcase` patterns on the qualified name
-    (``"layer1.*"``; ``*`` also matches dots), or a list of both. A module is selected when
-    it is an instance of one of the types (if any are given) and its name matches one of the
-    patterns (if any are given): ``[nn.Conv2d, "layer3.*", "layer4.*"]`` selects the
-    Conv2d layers inside ``layer3`` and ``layer4``.
+    (``"layer1.*"``; ``*`` also matches dots), predicates ``(name, module) -> bool``, or a
+    list that mixes them. A module is selected when it is an instance of one of the types
+    (if any are given), its name matches one of the patterns (if any are given), and every
+    predicate returns True for it: ``[nn.Conv2d, "layer3.*", "layer4.*"]`` selects the
+    Conv2d layers inside ``layer3`` and ``layer4``. A predicate picks layers by anything
+    else, such as their kernel size, so that a 3x3x3 mask skips the 2x2x2 down-sampling
+    convs of a 3-D U-Net::
+
+        include=lambda name, m: isinstance(m, nn.Conv3d) and m.kernel_size == (3, 3, 3)
+
+    A predicate sees every module of ``model`` once, ``model`` itself included (name
+    ``""``), with maskparam's own parametrization modules left out, and sees a masked
+    layer as the instance of its original class that it still is.
 
     Every selected layer is checked before any is masked: if one fails, nothing is masked
     and the error names that layer. Each layer gets its own copy of its mask, so one tensor
@@ -60,7 +74,8 @@ def apply_masks(
         masks: A dict, a callable or a single mask, see above. A mask is anything
             :func:`~maskparam.apply_mask` accepts.
         bias_mode: Passed to :func:`~maskparam.apply_mask` for every layer.
-        include: Layer types and/or name patterns; only with a single mask, which needs it.
+        include: Layer types, name patterns and/or predicates; only with a single mask,
+            which needs it.
         execution: Passed to :func:`~maskparam.apply_mask` for every layer.
 
     Returns:
@@ -72,11 +87,14 @@ def apply_masks(
 
     Raises:
         TypeError: If ``model`` is not a module, a dict key is not a str, or ``include``
-            holds something other than module types and str patterns.
+            holds something other than module types, str patterns and predicates (a module
+            instance, say).
         ValueError: If ``include`` is given with a dict or a callable, or missing with a
             single mask, if a dict names a module that does not exist or names one module
             twice, if nothing is selected, or if any selected layer cannot take its mask
-            (the message names it; see :func:`~maskparam.apply_mask`).
+            (the message names it; see :func:`~maskparam.apply_mask`; when ``include``
+            selected a layer the mask does not fit, it also shows a predicate that skips
+            such layers).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
@@ -112,9 +130,10 @@ def apply_masks(
                 warnings.simplefilter("ignore")  # apply_mask warns again below, with the name
                 apply._prepare(module, mask, "weight", bias_mode, execution)
         except (TypeError, ValueError) as err:
+            hint = _include_hint(module, mask) if include is not None else ""
             raise type(err)(
-                f"apply_masks could not mask {name!r} ({type(module).__name__}), so it masked "
-                f"nothing. {err}"
+                f"apply_masks could not mask {name!r} ({_kind(module)}), so it masked "
+                f"nothing. {err}{hint}"
             ) from None
     done: list[nn.Module] = []
     try:
@@ -386,31 +405,73 @@ def _from_dict(model: nn.Module, masks: Mapping[Any, Any]) -> list[tuple[str, nn
 def _selector(include: object) -> Callable[[str, nn.Module], bool]:
     """A test ``(name, module) -> bool`` for the modules that ``include`` selects."""
     items: list[object]
-    if isinstance(include, (type, str)) or not isinstance(include, Iterable):
+    if isinstance(include, (type, str)) or _is_predicate(include):
         items = [include]
-    else:
+    elif isinstance(include, Iterable) and not isinstance(include, nn.Module):
         items = list(include)
+    else:
+        items = [include]
     bad = [
         item
         for item in items
-        if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module)))
+        if not (
+            isinstance(item, str)
+            or (isinstance(item, type) and issubclass(item, nn.Module))
+            or _is_predicate(item)
+        )
     ]
     if bad or not items:
         held = f", which holds {bad[0]!r}" if bad and bad[0] is not include else ""
         raise TypeError(
             "apply_masks expects include to be module types (such as nn.Conv2d), name "
-            f"patterns (such as 'layer1.*'), or a non-empty list of both. Got {include!r}"
-            f"{held}."
+            "patterns (such as 'layer1.*'), predicates (name, module) -> bool, or a "
+            f"non-empty list of them. Got {include!r}{held}."
         )
     types = tuple(item for item in items if isinstance(item, type))
     patterns = [item for item in items if isinstance(item, str)]
+    predicates = [item for item in items if _is_predicate(item)]
 
     def selected(name: str, module: nn.Module) -> bool:
-        return (not types or isinstance(module, types)) and (
-            not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        return (
+            (not types or isinstance(module, types))
+            and (not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns))
+            and all(bool(predicate(name, module)) for predicate in predicates)  # type: ignore[operator]
         )
 
     return selected
+
+
+def _is_predicate(item: object) -> bool:
+    """Whether ``item`` is a function-like predicate: callable, but no type and no module."""
+    return callable(item) and not isinstance(item, (type, nn.Module))
+
+
+def _kind(module: nn.Module) -> str:
+    """The layer's own class name, ``Conv3d``, also once parametrize has swapped its class."""
+    return parametrize.type_before_parametrizations(module).__name__
+
+
+def _include_hint(module: nn.Module, mask: object) -> str:
+    """How to leave out the layers a mask does not fit, when it does not fit ``module``."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        return ""
+    try:
+        as_bool = _checks.as_bool_mask(mask, "apply_masks")
+    except (TypeError, ValueError):
+        return ""
+    if _checks.mask_fits(as_bool, weight):
+        return ""
+    kind = _kind(module)
+    kernel = getattr(module, "kernel_size", None)
+    if isinstance(kernel, tuple) and as_bool.dim() == len(kernel):
+        test = f"isinstance(m, nn.{kind}) and m.kernel_size == {tuple(as_bool.shape)}"
+    else:
+        test = f"isinstance(m, nn.{kind}) and m.weight.shape[2:] == {tuple(as_bool.shape)}"
+    return (
+        " To mask only the layers the mask fits, select them with a predicate, such as "
+        f"include=lambda name, m: {test}."
+    )
 
 
 def _describe(masks: object, include: object) -> str:

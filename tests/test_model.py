@@ -158,6 +158,109 @@ def test_include_type_matches_subclasses_and_masked_modules_by_their_original_ty
     assert isinstance(model[0], MyConv)
 
 
+class UNet3d(nn.Module):
+    """A 3-D U-Net's layer mix: 3x3x3 convs, a 2x2x2 down-sampling conv, a 1x1x1 head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv3d(1, 2, 3, padding=1)
+        self.down = nn.Conv3d(2, 2, 2, stride=2)
+        self.mid = nn.Conv3d(2, 2, 3, padding=1)
+        self.up = nn.ConvTranspose3d(2, 2, 2, stride=2)
+        self.head = nn.Conv3d(2, 1, 1)
+
+
+CROSS3 = cross(3, ndim=3)
+
+
+def is_3x3x3(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv3d) and module.kernel_size == (3, 3, 3)
+
+
+def test_include_predicate_selects_by_kernel_size() -> None:
+    model = UNet3d()
+    assert apply_masks(model, CROSS3, include=is_3x3x3) == ["enc", "mid"]
+    assert not is_masked(model.down)
+    assert apply_masks(
+        UNet3d(), CROSS3, include=lambda name, m: getattr(m, "kernel_size", None) == (3, 3, 3)
+    ) == ["enc", "mid"]
+
+
+def test_include_predicates_and_types_and_patterns_all_narrow() -> None:
+    # Types are alternatives, patterns are alternatives, and every predicate must hold too.
+    def not_mid(name: str, module: nn.Module) -> bool:
+        return name != "mid"
+
+    assert apply_masks(UNet3d(), CROSS3, include=[nn.Conv3d, is_3x3x3, not_mid]) == ["enc"]
+    assert apply_masks(UNet3d(), CROSS3, include=["e*", "m*", is_3x3x3]) == ["enc", "mid"]
+
+
+def test_include_predicate_sees_names_and_modules_once_each() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def spy(name: str, module: nn.Module) -> bool:
+        seen.append((name, type(module).__name__))
+        return False
+
+    with pytest.raises(ValueError, match=r"at least one layer.*include="):
+        apply_masks(UNet3d(), CROSS3, include=spy)
+    assert seen == [
+        ("", "UNet3d"),
+        ("enc", "Conv3d"),
+        ("down", "Conv3d"),
+        ("mid", "Conv3d"),
+        ("up", "ConvTranspose3d"),
+        ("head", "Conv3d"),
+    ]
+
+
+def test_include_predicate_exception_propagates_and_changes_nothing() -> None:
+    model = UNet3d()
+    before = snapshot(model)
+
+    def boom(name: str, module: nn.Module) -> bool:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        apply_masks(model, CROSS3, include=boom)
+    assert_unchanged(model, before)
+
+
+def test_exception_misfit_under_include_shows_a_predicate() -> None:
+    model = UNet3d()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"could not mask 'down' \(Conv3d\)") as info:
+        apply_masks(model, CROSS3, include=nn.Conv3d)
+    message = str(info.value)
+    assert "kernel's spatial shape" in message
+    assert (
+        "include=lambda name, m: isinstance(m, nn.Conv3d) and m.kernel_size == (3, 3, 3)"
+        in message
+    )
+    assert_unchanged(model, before)
+    # The suggested predicate works as written.
+    suggestion = message.split("include=", 1)[1].rstrip(".")
+    assert apply_masks(model, CROSS3, include=eval(suggestion, {"nn": nn})) == ["enc", "mid"]
+
+
+def test_exception_misfit_with_a_dict_has_no_include_hint() -> None:
+    with pytest.raises(ValueError, match=r"kernel's spatial shape") as info:
+        apply_masks(UNet3d(), {"down": CROSS3})
+    assert "include=" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("include", "match"),
+    [
+        (nn.Conv2d(1, 1, 3), r"Got Conv2d\(1, 1"),
+        ([nn.Conv2d, nn.ReLU()], r"which holds ReLU\(\)"),
+    ],
+)
+def test_exception_include_module_instance_is_not_a_predicate(include: object, match: str) -> None:
+    with pytest.raises(TypeError, match=r"module types .*predicates .*" + match):
+        apply_masks(UNet3d(), CROSS3, include=include)  # type: ignore[arg-type]
+
+
 def test_each_layer_owns_its_mask(net: Net) -> None:
     mask = PLUS.clone()
     apply_masks(net, mask, include=["stem", "*.conv"])
@@ -306,7 +409,7 @@ def test_exception_single_mask_needs_include(net: Net) -> None:
         (3, "Got 3."),
         ([nn.Conv2d, 3], "which holds 3"),
         (torch.Tensor, "which holds|Got <class 'torch.Tensor'>"),
-        ([], r"non-empty list of both. Got \[\]"),
+        ([], r"non-empty list of them. Got \[\]"),
     ],
 )
 def test_exception_bad_include(net: Net, include: object, match: str) -> None:
@@ -560,3 +663,26 @@ def test_apply_masks_passes_execution_and_checks_it_first() -> None:
     for name in names:
         assert _forward.EXECUTION_ATTR in model.get_submodule(name).__dict__
     torch.testing.assert_close(model(x), dense(x))
+
+
+# -- messages name the layer's own class -------------------------------------------------------
+
+
+def test_exception_already_masked_layer_is_named_by_its_own_class() -> None:
+    model = UNet3d()
+    apply_mask(model.mid, CROSS3)
+    with pytest.raises(ValueError, match=r"could not mask 'mid' \(Conv3d\), so it masked"):
+        apply_masks(model, CROSS3, include=is_3x3x3)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="apply._unmasked_parameter names type(module) (ParametrizedConv3d); apply.py is "
+    "being rewritten, so the fix is left to that rewrite",
+)
+def test_exception_already_masked_layer_never_names_the_generated_class() -> None:
+    model = UNet3d()
+    apply_mask(model.mid, CROSS3)
+    with pytest.raises(ValueError, match=r"already masked") as info:
+        apply_masks(model, CROSS3, include=is_3x3x3)
+    assert "Parametrized" not in str(info.value)
