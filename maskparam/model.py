@@ -231,34 +231,40 @@ class LayerSummary:
 
 @dataclass(frozen=True)
 class MaskSummary:
-    """What :func:`mask_summary` returns: one row per masked layer, with totals.
+    """What :func:`mask_summary` returns: one row per masked layer, with two totals.
 
     ``str(summary)`` (or ``print(summary)``) gives the table; the rows and the totals are
-    plain data for code.
+    plain data for code. The table ends with two rows: ``total``, the sums over the masked
+    layers above it (:attr:`total`), and ``whole model``, the same counts over every
+    parameter of the model, masked or not (:attr:`model_total`).
 
     Attributes:
         rows: One :class:`LayerSummary` per masked layer, in module order.
+        model_total: The whole model as one row named ``"whole model"``: its taps over every
+            conv layer (an unmasked layer uses all of its taps), its parameters over every
+            parameter of the model (shared ones once), active unless a mask holds them at
+            zero.
     """
 
     rows: tuple[LayerSummary, ...]
+    model_total: LayerSummary
 
     @property
     def total(self) -> LayerSummary:
-        """The column sums as a row named ``"total"``; taps only over layers with taps."""
-        taps = [r for r in self.rows if r.total_taps is not None]
-        return LayerSummary(
-            name="total",
-            type="",
-            kernel=None,
-            active_taps=sum(r.active_taps or 0 for r in taps) if taps else None,
-            total_taps=sum(r.total_taps or 0 for r in taps) if taps else None,
-            active_params=sum(r.active_params for r in self.rows),
-            total_params=sum(r.total_params for r in self.rows),
-        )
+        """The column sums over the masked layers as a row named ``"total"``.
+
+        Taps are summed only over layers with taps (None if there are none).
+        """
+        return _sum_rows("total", self.rows)
 
     def __str__(self) -> str:
         header = ("name", "type", "kernel", "active taps", "active params")
-        lines = [header, *(_cells(row) for row in self.rows), _cells(self.total, total=True)]
+        lines = [
+            header,
+            *(_cells(row) for row in self.rows),
+            _cells(self.total, total=True),
+            _cells(self.model_total, total=True),
+        ]
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         text = []
         for line in lines:
@@ -271,31 +277,57 @@ class MaskSummary:
 def mask_summary(model: nn.Module) -> MaskSummary:
     """Summarise the masks in ``model``: active taps and parameters per masked layer.
 
+    Two totals follow the rows: ``total`` over the masked layers, and ``whole model`` over
+    every parameter of ``model``, masked or not, so the share of the whole network that a
+    mask switches off is one line.
+
     Args:
-        model: Any model; layers without a mask are left out.
+        model: Any model; layers without a mask have no row but count in ``whole model``.
 
     Returns:
-        A :class:`MaskSummary`: print it for a table, or read its ``rows`` and ``total``.
+        A :class:`MaskSummary`: print it for a table, or read its ``rows``, ``total`` and
+        ``model_total``.
 
     Raises:
         TypeError: If ``model`` is not a module.
 
     Example:
-        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Linear(4, 2, bias=False))
+        >>> model = nn.Sequential(
+        ...     nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Linear(4, 2, bias=False), nn.Conv2d(2, 1, 1)
+        ... )
         >>> plus = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]])
         >>> _ = apply_masks(model, {"0": plus, "2": torch.tensor([1, 1, 0, 0])})
         >>> summary = mask_summary(model)
         >>> print(summary)
-        name   type    kernel  active taps  active params
-        0      Conv2d  3x3             5/9  12/20 (60.0%)
-        2      Linear  -                 -    4/8 (50.0%)
-        total                          5/9  16/28 (57.1%)
-        >>> summary.total.active_params, summary.rows[0].kernel
-        (16, (3, 3))
+        name         type    kernel  active taps  active params
+        0            Conv2d  3x3             5/9  12/20 (60.0%)
+        2            Linear  -                 -    4/8 (50.0%)
+        total                                5/9  16/28 (57.1%)
+        whole model                         6/10  19/31 (61.3%)
+        >>> summary.total.active_params, summary.model_total.total_params
+        (16, 31)
     """
     _checks.check_module(model, "mask_summary")
-    rows = [_summarise(name, module) for name, module in _layers(model) if _masked_tensors(module)]
-    return MaskSummary(tuple(rows))
+    rows: list[LayerSummary] = []
+    others: list[LayerSummary] = []  # the unmasked layers, for the whole model's taps
+    for name, module in _layers(model):
+        (rows if _masked_tensors(module) else others).append(_summarise(name, module))
+    masked = _sum_rows("total", rows)
+    unmasked = _sum_rows("", others)
+    # Parameters by identity, so a shared one counts once; a mask hides only its own layer's.
+    total_params = sum(p.numel() for p in model.parameters())
+    hidden = masked.total_params - masked.active_params
+    taps = [row for row in (masked, unmasked) if row.total_taps is not None]
+    model_total = LayerSummary(
+        name="whole model",
+        type="",
+        kernel=None,
+        active_taps=sum(row.active_taps or 0 for row in taps) if taps else None,
+        total_taps=sum(row.total_taps or 0 for row in taps) if taps else None,
+        active_params=total_params - hidden,
+        total_params=total_params,
+    )
+    return MaskSummary(tuple(rows), model_total)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -516,6 +548,21 @@ def _summarise(name: str, module: nn.Module) -> LayerSummary:
         total_taps=total_taps,
         active_params=active,
         total_params=total,
+    )
+
+
+def _sum_rows(name: str, rows: Iterable[LayerSummary]) -> LayerSummary:
+    """The column sums of ``rows`` as one row; taps only over the rows that have taps."""
+    rows = list(rows)
+    taps = [r for r in rows if r.total_taps is not None]
+    return LayerSummary(
+        name=name,
+        type="",
+        kernel=None,
+        active_taps=sum(r.active_taps or 0 for r in taps) if taps else None,
+        total_taps=sum(r.total_taps or 0 for r in taps) if taps else None,
+        active_params=sum(r.active_params for r in rows),
+        total_params=sum(r.total_params for r in rows),
     )
 
 

@@ -578,6 +578,10 @@ def test_mask_summary_rows_and_total() -> None:
     assert lines[3].split() == ["2", "ConvTranspose1d", "3", "2/3", "6/16", "(37.5%)"]
     assert lines[4].split() == ["3", "Linear", "-", "-", "9/10", "(90.0%)"]
     assert lines[5].split() == ["total", "16/21", "102/191", "(53.4%)"]
+    # The whole model adds the unmasked 1x1 conv: 1 tap, 1 weight and 1 bias.
+    assert summary.model_total == LayerSummary("whole model", "", None, 17, 22, 104, 193)
+    assert lines[6].split() == ["whole", "model", "17/22", "104/193", "(53.9%)"]
+    assert len(lines) == 7
     assert len({len(line) for line in lines[1:]}) == 1  # right-aligned columns
 
 
@@ -598,9 +602,34 @@ def test_mask_summary_bias_modes_count_the_bias() -> None:
 
 def test_mask_summary_of_an_unmasked_model_is_empty() -> None:
     summary = mask_summary(nn.Sequential(nn.Conv2d(1, 1, 3)))
-    assert summary == MaskSummary(rows=())
+    whole = LayerSummary("whole model", "", None, 9, 9, 10, 10)
+    assert summary == MaskSummary(rows=(), model_total=whole)
     assert summary.total == LayerSummary("total", "", None, None, None, 0, 0)
     assert str(summary).splitlines()[1].split() == ["total", "-", "0/0"]
+    assert str(summary).splitlines()[2].split() == ["whole", "model", "9/9", "10/10", "(100.0%)"]
+
+
+def test_mask_summary_whole_model_counts_every_parameter_once() -> None:
+    shared = nn.Conv1d(1, 1, 3)
+    free = nn.Parameter(torch.ones(5))  # a parameter of a container, in no layer
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(2, 2))
+    model.register_parameter("scale", free)
+    apply_masks(model, {"0": torch.tensor([1, 0, 1])})
+    summary = mask_summary(model)
+    assert [row.name for row in summary.rows] == ["0"]  # the shared conv, once
+    expected = sum(p.numel() for p in model.parameters())
+    assert expected == 4 + 6 + 5
+    assert summary.model_total.total_params == expected
+    assert summary.model_total.active_params == expected - 1
+    assert (summary.model_total.active_taps, summary.model_total.total_taps) == (2, 3)
+
+
+def test_mask_summary_whole_model_without_convs_has_no_taps() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    apply_masks(model, torch.tensor([1, 0]), include=nn.Linear)
+    whole = mask_summary(model).model_total
+    assert (whole.active_taps, whole.total_taps) == (None, None)
+    assert (whole.active_params, whole.total_params) == (4 + 2, 6 + 3)
 
 
 def test_mask_summary_is_frozen_data() -> None:
