@@ -34,6 +34,7 @@ _SHOW_FACTORIES: dict[str, tuple[str, ...]] = {
     "causal": ("kind", "in_channels", "out_channels", "channel_groups", "interleaved"),
     "dilated": ("dilation",),
     "blind_spot": ("radius",),
+    "checkerboard": (),
     "line": ("axis",),
     "random": ("density", "seed"),
 }
