@@ -150,14 +150,14 @@ def _bake(args: argparse.Namespace) -> int:
     try:
         # The public bake_file's checks, with messages that speak of the command's options.
         baked = checkpoint._bake_file(
-            args.input, args.output, overwrite=args.overwrite, key=args.key, voice=checkpoint.CLI
+            args.input, args.output, overwrite=args.overwrite, key=args.key, voice=checkpoint._CLI
         )
     except (OSError, TypeError, ValueError) as err:
         # A file or its contents, not the command line: no usage text, the message alone,
         # which names the command (the system's own OSError messages get the name here).
         message = str(err)
-        if not message.startswith(checkpoint.CLI.caller):
-            message = f"{checkpoint.CLI.caller}: {message}"
+        if not message.startswith(checkpoint._CLI.caller):
+            message = f"{checkpoint._CLI.caller}: {message}"
         print(message, file=sys.stderr)
         return 2
     under = f" under {args.key!r}" if args.key is not None else ""

@@ -192,7 +192,7 @@ class _Voice:
 
 
 _API = _Voice("bake_file", command_line=False)
-CLI = _Voice("maskparam bake", command_line=True)
+_CLI = _Voice("maskparam bake", command_line=True)
 
 
 def _bake_file(

@@ -418,7 +418,7 @@ def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith("maskparam bake ")
+    assert captured.err.startswith(("maskparam bake ", "maskparam bake: "))
     assert "usage:" not in captured.err  # the file is at fault, not the command line
     assert "bake_file " not in captured.err  # the command's words, not the function's
     return captured.err
@@ -633,3 +633,16 @@ def test_cli_entry_point(masked_file: Path) -> None:
     assert broken.returncode == 2
     assert broken.stderr.startswith("maskparam bake expects a PyTorch checkpoint")
     assert "Traceback" not in broken.stderr
+
+
+def test_cli_bake_system_error_is_named_and_leaves_no_file(
+    masked_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    out = masked_file.with_name("out.pt")
+    err = _cli_error(["bake", str(masked_file), str(out)], capsys)
+    assert err == "maskparam bake: [Errno 28] No space left on device\n"
+    assert sorted(p.name for p in masked_file.parent.iterdir()) == ["masked.pt"]
