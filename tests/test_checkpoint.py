@@ -460,8 +460,15 @@ def test_cli_bake_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"not a checkpoint", b"# comment\n", b"\x80\x02]q\x00.", bytes(range(256))],
-    ids=["empty", "text", "comment", "pickle-list", "binary"],
+    [
+        b"",
+        b"not a checkpoint",
+        b"# comment\n",
+        b"\x80\x02]q\x00.",
+        b"\x80\x02.",  # torch.load: IndexError: pop from empty list
+        bytes(range(256)),
+    ],
+    ids=["empty", "text", "comment", "pickle-list", "pickle-stop", "binary"],
 )
 def test_exception_not_a_pytorch_checkpoint(
     tmp_path: Path, content: bytes, capsys: pytest.CaptureFixture[str]
