@@ -496,10 +496,16 @@ def _include_hint(module: nn.Module, mask: object) -> str:
         return ""
     kind = _kind(module)
     kernel = getattr(module, "kernel_size", None)
+    shape = tuple(as_bool.shape)
     if isinstance(kernel, tuple) and as_bool.dim() == len(kernel):
-        test = f"isinstance(m, nn.{kind}) and m.kernel_size == {tuple(as_bool.shape)}"
-    else:
-        test = f"isinstance(m, nn.{kind}) and m.weight.shape[2:] == {tuple(as_bool.shape)}"
+        test = f"isinstance(m, nn.{kind}) and m.kernel_size == {shape}"
+    elif 1 not in shape:  # then the mask fits exactly the weights whose trailing dims it has
+        test = f"isinstance(m, nn.{kind}) and m.weight.shape[-{len(shape)}:] == {shape}"
+    else:  # a broadcasting mask: no one-line test says which weights it fits
+        return (
+            " To mask only the layers the mask fits, give include a predicate "
+            "(name, module) -> bool that selects them."
+        )
     return (
         " To mask only the layers the mask fits, select them with a predicate, such as "
         f"include=lambda name, m: {test}."

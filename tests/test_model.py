@@ -243,6 +243,28 @@ def test_exception_misfit_under_include_shows_a_predicate() -> None:
     assert apply_masks(model, CROSS3, include=eval(suggestion, {"nn": nn})) == ["enc", "mid"]
 
 
+def test_exception_misfit_under_include_without_a_kernel_shows_trailing_dims() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    mask = torch.tensor([1, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"could not mask '2' \(Linear\)") as info:
+        apply_masks(model, mask, include=nn.Linear)
+    hint = "include=lambda name, m: isinstance(m, nn.Linear) and m.weight.shape[-1:] == (4,)."
+    assert str(info.value).endswith(hint)
+    predicate = eval(hint.removeprefix("include=").rstrip("."), {"nn": nn})
+    assert apply_masks(model, mask, include=predicate) == ["0"]
+
+
+def test_exception_misfit_under_include_of_a_broadcasting_mask_asks_for_a_predicate() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 2, 3))
+    per_output_channel = torch.tensor([1, 0, 1, 1]).view(4, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"could not mask '1' \(Conv2d\)") as info:
+        apply_masks(model, per_output_channel, include=nn.Conv2d)
+    assert str(info.value).endswith(
+        "To mask only the layers the mask fits, give include a predicate (name, module) -> "
+        "bool that selects them."
+    )
+
+
 def test_exception_misfit_with_a_dict_has_no_include_hint() -> None:
     with pytest.raises(ValueError, match=r"kernel's spatial shape") as info:
         apply_masks(UNet3d(), {"down": CROSS3})
