@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from maskparam import __version__
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -32,6 +34,7 @@ _SHOW_FACTORIES: dict[str, tuple[str, ...]] = {
     "causal": ("kind", "in_channels", "out_channels", "channel_groups", "interleaved"),
     "dilated": ("dilation",),
     "blind_spot": ("radius",),
+    "checkerboard": (),
     "line": ("axis",),
     "random": ("density", "seed"),
 }
@@ -142,17 +145,27 @@ def _show_png(args: argparse.Namespace, mask: Tensor, title: str) -> int:
 
 
 def _bake(args: argparse.Namespace) -> int:
-    from maskparam.checkpoint import bake_file
+    from maskparam import checkpoint
 
     try:
-        baked = bake_file(args.input, args.output, overwrite=args.overwrite)
+        # The public bake_file's checks, with messages that speak of the command's options.
+        baked = checkpoint._bake_file(
+            args.input, args.output, overwrite=args.overwrite, key=args.key, voice=checkpoint._CLI
+        )
     except (OSError, TypeError, ValueError) as err:
-        args.error(str(err))
+        # A file or its contents, not the command line: no usage text, the message alone,
+        # which names the command (the system's own OSError messages get the name here).
+        message = str(err)
+        if not message.startswith(checkpoint._CLI.caller):
+            message = f"{checkpoint._CLI.caller}: {message}"
+        print(message, file=sys.stderr)
+        return 2
+    under = f" under {args.key!r}" if args.key is not None else ""
     if baked:
         tensors = "tensor" if len(baked) == 1 else "tensors"
-        print(f"baked {len(baked)} masked {tensors} into {args.output}: {', '.join(baked)}")
+        print(f"baked {len(baked)} masked {tensors}{under} into {args.output}: {', '.join(baked)}")
     else:
-        print(f"no masked tensors in {args.input}; wrote it unchanged to {args.output}")
+        print(f"no masked tensors in {args.input}{under}; wrote it unchanged to {args.output}")
     return 0
 
 
@@ -162,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m maskparam",
         description="Fixed masks for PyTorch weights.",
     )
+    parser.add_argument("--version", action="version", version=f"maskparam {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -217,14 +231,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn a masked model's state_dict file into a plain one, masked values baked in",
         description="Bake a state_dict file saved from a masked model into a plain state_dict "
         "that the unmasked architecture loads with strict=True (see "
-        "maskparam.checkpoint.bake_state_dict). Exits with 2 on any error.",
+        "maskparam.checkpoint.bake_file). With --key, bake the state_dict nested in a "
+        "training checkpoint and keep its other entries. Exits with 2 on any error.",
     )
-    bake.add_argument("input", metavar="IN", help="a file from torch.save(model.state_dict(), IN)")
+    bake.add_argument(
+        "input",
+        metavar="IN",
+        help="a file from torch.save(model.state_dict(), IN), or a checkpoint with --key",
+    )
     bake.add_argument("output", metavar="OUT", help="where to write the baked state_dict")
     bake.add_argument(
         "--overwrite",
         action="store_true",
         help="allow replacing OUT if it exists, even when it is IN (default: refuse)",
+    )
+    bake.add_argument(
+        "--key",
+        metavar="NAME",
+        help="the entry of a training checkpoint that holds the state_dict, such as model "
+        "(dots for deeper levels: ema.model); OUT keeps the other entries as they are",
     )
     bake.set_defaults(func=_bake, error=bake.error)
     return parser

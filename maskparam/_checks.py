@@ -17,6 +17,7 @@ __all__ = [
     "as_bool_mask",
     "check_mask_fits",
     "check_module",
+    "mask_fits",
     "parametrizations_of",
     "warn_if_empty",
 ]
@@ -89,6 +90,13 @@ def as_bool_mask(mask: Any, caller: str) -> Tensor:
     return mask != 0
 
 
+def mask_fits(mask: Tensor, weight: Tensor) -> bool:
+    """Whether ``mask`` broadcasts to exactly ``weight.shape``."""
+    return mask.dim() <= weight.dim() and all(
+        m in (1, w) for m, w in zip(reversed(mask.shape), reversed(weight.shape), strict=False)
+    )
+
+
 def check_mask_fits(mask: Tensor, weight: Tensor, where: str, caller: str) -> None:
     """Raise ``ValueError`` unless ``mask`` broadcasts to exactly ``weight.shape``.
 
@@ -100,10 +108,7 @@ def check_mask_fits(mask: Tensor, weight: Tensor, where: str, caller: str) -> No
         where: How to name the weight in a message, such as ``"Conv2d.weight"``.
         caller: The public function, named in the message.
     """
-    fits = mask.dim() <= weight.dim() and all(
-        m in (1, w) for m, w in zip(reversed(mask.shape), reversed(weight.shape), strict=False)
-    )
-    if not fits:
+    if not mask_fits(mask, weight):
         raise ValueError(
             f"{caller} expects a mask of the kernel's spatial shape or one broadcastable to "
             f"the weight. Got mask.shape={tuple(mask.shape)} for "

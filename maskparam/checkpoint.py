@@ -18,6 +18,7 @@ import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,31 +107,49 @@ def bake_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def bake_file(
-    source: str | os.PathLike[str], target: str | os.PathLike[str], *, overwrite: bool = False
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    key: str | None = None,
 ) -> list[str]:
-    """Bake a ``state_dict`` file: :func:`bake_state_dict` from ``source`` into ``target``.
+    """Bake a checkpoint file: :func:`bake_state_dict` from ``source`` into ``target``.
 
     The command line ``python -m maskparam bake IN.pt OUT.pt`` runs this. ``source`` is read
     with ``torch.load(weights_only=True)`` onto the CPU, so a file that holds anything but
-    tensors (a whole pickled model, say) is refused before anything in it runs. ``target``
-    is written whole to a temporary file next to it, then moved into place, so an
-    interrupted run never leaves half a file, not even with ``overwrite=True`` and
-    ``target`` the same file as ``source``.
+    tensors and plain containers (a whole pickled model, say) is refused before anything in
+    it runs. ``target`` is written whole to a temporary file next to it, then moved into
+    place, so an interrupted run never leaves half a file, not even with ``overwrite=True``
+    and ``target`` the same file as ``source``.
+
+    A training checkpoint that nests the ``state_dict``, such as
+    ``{"model": model.state_dict(), "optimizer": ..., "epoch": 3}``, needs ``key="model"``
+    (``--key model``); a dotted key such as ``"ema.model"`` reaches deeper, level by level,
+    unless the whole string is itself an entry. The baked ``state_dict`` then replaces the
+    nested one and every other entry is written back as it was. An optimizer's state in
+    such a file refers to parameters by position, and a masked layer lists its parameters
+    in another order than the plain one (``bias`` before the weight's ``original``), so do
+    not load that optimizer state into an optimizer of the plain model.
 
     Args:
-        source: A file written by ``torch.save(model.state_dict(), source)``.
-        target: Where to write the baked ``state_dict``.
+        source: A file written by ``torch.save(model.state_dict(), source)``, or by
+            ``torch.save(checkpoint, source)`` with the ``state_dict`` under ``key``.
+        target: Where to write the baked ``state_dict`` (or checkpoint, with ``key``).
         overwrite: Whether ``target`` may replace an existing file (``source`` included).
+        key: The entry of the checkpoint that holds the ``state_dict``; dots for deeper
+            levels. None: the file is the ``state_dict``.
 
     Returns:
-        The plain keys that were baked, such as ``["conv.weight"]``; empty if ``source``
-        held no masks (``target`` is then a copy).
+        The plain keys that were baked, such as ``["conv.weight"]``; empty if the
+        ``state_dict`` held no masks (``target`` is then a copy).
 
     Raises:
         FileNotFoundError: If ``source`` does not exist, or the folder of ``target``.
         FileExistsError: If ``target`` exists and ``overwrite`` is False.
-        TypeError: If ``source`` holds something other than a ``state_dict``.
-        ValueError: If ``torch.load(weights_only=True)`` cannot read ``source``, or
+        TypeError: If ``source`` (or its entry ``key``) holds something other than a
+            ``state_dict``, or ``key`` is not a str.
+        ValueError: If ``source`` is not a PyTorch checkpoint that
+            ``torch.load(weights_only=True)`` can read, ``key`` names no entry of it, or
             :func:`bake_state_dict` refuses its contents.
 
     Example:
@@ -141,40 +160,86 @@ def bake_file(
         ...     torch.save(conv.state_dict(), f"{folder}/masked.pt")
         ...     print(bake_file(f"{folder}/masked.pt", f"{folder}/plain.pt"))
         ...     print(sorted(torch.load(f"{folder}/plain.pt")))
+        ...     torch.save({"model": conv.state_dict(), "epoch": 3}, f"{folder}/train.pt")
+        ...     print(bake_file(f"{folder}/train.pt", f"{folder}/out.pt", key="model"))
+        ...     print(torch.load(f"{folder}/out.pt")["epoch"])
         ['weight']
         ['bias', 'weight']
+        ['weight']
+        3
     """
+    return _bake_file(source, target, overwrite=overwrite, key=key, voice=_API)
+
+
+@dataclass(frozen=True)
+class _Voice:
+    """How the messages of :func:`bake_file` name the caller and its options.
+
+    The Python function and the command line share the checks, and each speaks its own
+    language: ``bake_file ... key='model'`` or ``maskparam bake ... --key model``.
+    """
+
+    caller: str
+    command_line: bool
+
+    def key(self, key: str) -> str:
+        return f"--key {key}" if self.command_line else f"key={key!r}"
+
+    @property
+    def overwrite(self) -> str:
+        return "--overwrite" if self.command_line else "overwrite=True"
+
+
+_API = _Voice("bake_file", command_line=False)
+_CLI = _Voice("maskparam bake", command_line=True)
+
+
+def _bake_file(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    overwrite: bool,
+    key: str | None,
+    voice: _Voice,
+) -> list[str]:
+    """:func:`bake_file`, with messages in the caller's ``voice``."""
+    caller = voice.caller
     source, target = Path(source), Path(target)
+    if key is not None and not isinstance(key, str):
+        raise TypeError(
+            f"{caller} expects the key of the nested state_dict as a str, dots for deeper "
+            f"levels, such as 'model'. Got {key!r} of type {type(key).__name__}."
+        )
     if not source.is_file():
         raise FileNotFoundError(
-            f"bake_file expects an existing state_dict file to read. Got {str(source)!r}, "
+            f"{caller} expects an existing checkpoint file to read. Got {str(source)!r}, "
             f"which {'is not a file' if source.exists() else 'does not exist'}."
         )
     if not target.parent.is_dir():
         raise FileNotFoundError(
-            "bake_file writes into an existing folder. Got target "
+            f"{caller} writes into an existing folder. Got target "
             f"{str(target)!r}, whose folder does not exist."
         )
     if target.exists() and not overwrite:
         raise FileExistsError(
-            "bake_file never replaces an existing file unless asked (overwrite=True, or "
-            f"--overwrite on the command line). Got target {str(target)!r}, which exists"
+            f"{caller} never replaces an existing file unless asked ({voice.overwrite}). "
+            f"Got target {str(target)!r}, which exists"
             f"{', and is the source' if _same_file(source, target) else ''}."
         )
     try:
         loaded = torch.load(source, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # The file could not be read at all (permissions, say): its own message is best.
     except Exception as err:  # torch.load raises all sorts on a file it cannot parse.
-        raise ValueError(
-            "bake_file expects a state_dict file, as torch.save(model.state_dict(), path) "
-            f"writes, that torch.load(path, weights_only=True) can read. It could not read "
-            f"{str(source)!r}: {_first_reason(err)} A whole pickled model is not a "
-            "state_dict: load it (only if you trust it) and save model.state_dict() instead."
-        ) from None
-    baked, keys = _bake(loaded, "bake_file")
+        raise ValueError(_unreadable(source, err, caller)) from None
+    path = _key_path(loaded, key, str(source), voice)
+    state_dict = _entry(loaded, path)
+    holder = f"{str(source)!r}" if key is None else f"{str(source)!r} under {key!r}"
+    baked, keys = _bake(state_dict, caller, holder=holder, voice=voice)
     # Not tempfile.mkstemp: its file is private (0600), and os.replace would keep that.
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     try:
-        torch.save(baked, temporary)
+        torch.save(_replaced(loaded, path, baked), temporary)
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -185,9 +250,14 @@ def bake_file(
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _bake(state_dict: object, caller: str) -> tuple[dict[str, Any], list[str]]:
-    """The baked ``state_dict`` and the plain keys it baked; checks everything first."""
-    _check_state_dict(state_dict, caller)
+def _bake(
+    state_dict: object, caller: str, *, holder: str | None = None, voice: _Voice | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """The baked ``state_dict`` and the plain keys it baked; checks everything first.
+
+    ``holder`` names where ``state_dict`` came from (a file), ``voice`` how to suggest a key.
+    """
+    _check_state_dict(state_dict, caller, holder=holder, voice=voice)
     assert isinstance(state_dict, Mapping)
     plain_of: dict[str, str] = {}  # "<owner>parametrizations.<t>.original" -> "<owner><t>"
     owners: set[str] = set()
@@ -244,9 +314,12 @@ def _bake(state_dict: object, caller: str) -> tuple[dict[str, Any], list[str]]:
     return baked, list(plain_of.values())
 
 
-def _check_state_dict(state_dict: object, caller: str) -> None:
+def _check_state_dict(
+    state_dict: object, caller: str, *, holder: str | None = None, voice: _Voice | None = None
+) -> None:
+    what = "a state_dict" if holder is None else f"{holder} to hold a state_dict"
     rule = (
-        f"{caller} expects a state_dict: a mapping of str keys to tensors (plus any "
+        f"{caller} expects {what}: a mapping of str keys to tensors (plus any "
         "'_extra_state' entries), as model.state_dict() returns."
     )
     if not isinstance(state_dict, Mapping):
@@ -257,12 +330,80 @@ def _check_state_dict(state_dict: object, caller: str) -> None:
         if isinstance(value, Tensor) or key.rsplit(".", 1)[-1] == _EXTRA_STATE:
             continue
         hint = ""
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and voice is not None:
+            hint = (
+                f" If it is a training checkpoint with the model's state_dict under {key!r}, "
+                f"pass {voice.key(key)}."
+            )
+        elif isinstance(value, Mapping):
             hint = (
                 f" A training checkpoint that holds the model's state_dict under {key!r} "
                 f"needs that entry passed on its own, such as checkpoint[{key!r}]."
             )
         raise TypeError(f"{rule} Got {key!r}: {type(value).__name__}.{hint}")
+
+
+def _unreadable(source: Path, err: BaseException, caller: str) -> str:
+    """Why ``torch.load(weights_only=True)`` could not read ``source``, for a person."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line:
+            found = line.split(" was not an allowed global")[0].split("error: ")[-1]
+            return (
+                f"{caller} expects a checkpoint of tensors and plain containers, which "
+                "torch.load(weights_only=True) reads without running any code. Got "
+                f"{str(source)!r}, which holds other objects: {found}. A whole pickled model "
+                "is not a state_dict: load it (only if you trust it) and save "
+                "model.state_dict() instead."
+            )
+    return (
+        f"{caller} expects a PyTorch checkpoint, a file that torch.save wrote. Got "
+        f"{str(source)!r}, which is not one: torch.load(weights_only=True) cannot read it "
+        f"({type(err).__name__})."
+    )
+
+
+def _key_path(loaded: object, key: str | None, source: str, voice: _Voice) -> list[str]:
+    """The entries to follow from the loaded file down to the ``state_dict``.
+
+    ``key`` is one entry if the file has it, else a dotted path, one entry per level.
+    """
+    if key is None:
+        return []
+    if isinstance(loaded, Mapping) and key in loaded:
+        return [key]
+    path = key.split(".")
+    level = loaded
+    for depth, part in enumerate(path):
+        if not isinstance(level, Mapping) or part not in level:
+            reached = ".".join(path[:depth])
+            at = f"under {reached!r}" if depth else "at its top level"
+            has = (
+                f"has the entries {sorted(map(str, level))}"
+                if isinstance(level, Mapping)
+                else f"holds a {type(level).__name__}, which has no entries"
+            )
+            raise ValueError(
+                f"{voice.caller} expects {voice.key(key)} to name an entry of {source!r}, "
+                f"dots for deeper levels. Got no entry {part!r}: {at}, the file {has}."
+            )
+        level = level[part]
+    return path
+
+
+def _entry(loaded: Any, path: list[str]) -> Any:
+    for part in path:
+        loaded = loaded[part]
+    return loaded
+
+
+def _replaced(loaded: Any, path: list[str], value: Any) -> Any:
+    """``loaded`` with the entry at ``path`` replaced by ``value``; the input is unchanged."""
+    if not path:
+        return value
+    copy = type(loaded)(loaded) if isinstance(loaded, dict) else dict(loaded)
+    copy[path[0]] = _replaced(loaded[path[0]], path[1:], value)
+    return copy
 
 
 def _check_mask_entry(original: Tensor, mask: Tensor, where: str, caller: str) -> None:
@@ -292,13 +433,3 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.samefile(b)
     except OSError:
         return False
-
-
-def _first_reason(err: BaseException) -> str:
-    """The line of a ``torch.load`` error that says what is wrong, as one sentence."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:
-        if "Unsupported global" in line:
-            return line.split(" was not an allowed global")[0].split("error: ")[-1] + "."
-    text = f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
-    return text if text.endswith(".") else text + "."

@@ -22,6 +22,7 @@ __all__ = [
     "blind_spot",
     "box",
     "causal",
+    "checkerboard",
     "cross",
     "diamond",
     "dilated",
@@ -594,6 +595,43 @@ def blind_spot(
     distance2 = sum(o.double() ** 2 for o in _offsets(sizes))
     assert isinstance(distance2, Tensor)
     return ~_inside(distance2, r * r)
+
+
+def checkerboard(kernel_size: int | Sequence[int], ndim: int | None = None) -> Tensor:
+    """The taps whose offsets from the centre sum to an odd number: a checkerboard.
+
+    The context model of the checkerboard entropy model (He et al., "Checkerboard Context
+    Model for Efficient Learned Image Compression", CVPR 2021): the anchors, decoded first,
+    sit where the offsets sum to an odd number, so a non-anchor at the centre sees only
+    them. For a 5x5 kernel this is CompressAI's ``CheckerboardMaskedConv2d`` mask,
+    ``mask[:, :, 0::2, 1::2] = 1; mask[:, :, 1::2, 0::2] = 1``. The centre is always off,
+    and so are half of the other taps: a 5x5 checkerboard has 12 taps, a 3x3x3 one 14.
+
+    Args:
+        kernel_size: The kernel's size, an odd int for every axis or one odd int per axis.
+        ndim: The number of spatial dims; needed when ``kernel_size`` is an int.
+
+    Returns:
+        A bool tensor of shape ``kernel_size``.
+
+    Raises:
+        TypeError: If ``kernel_size`` or ``ndim`` has another type.
+        ValueError: If ``kernel_size`` is an int and ``ndim`` is missing, if a size is even or
+            below 1, or ``ndim`` disagrees with ``kernel_size``.
+
+    Example:
+        >>> print(to_text(checkerboard(5, ndim=2)))
+        .#.#.
+        #.#.#
+        .#.#.
+        #.#.#
+        .#.#.
+    """
+    sizes = _kernel_size(kernel_size, ndim, "checkerboard")
+    _check_odd(sizes, "checkerboard")
+    total = sum(_offsets(sizes))
+    assert isinstance(total, Tensor)
+    return total.remainder(2) == 1
 
 
 def line(kernel_size: int | Sequence[int], axis: int, ndim: int | None = None) -> Tensor:

@@ -23,8 +23,13 @@ from maskparam.taps import EXECUTIONS, Execution
 
 __all__ = ["Include", "LayerSummary", "MaskSummary", "apply_masks", "mask_summary", "remove_masks"]
 
-Include: TypeAlias = type[nn.Module] | str | Iterable[type[nn.Module] | str]
-"""Layer types and/or name patterns that select modules, see :func:`apply_masks`."""
+Predicate: TypeAlias = Callable[[str, nn.Module], bool]
+"""A test ``(name, module) -> bool`` that selects modules, see :func:`apply_masks`."""
+
+Include: TypeAlias = (
+    type[nn.Module] | str | Predicate | Iterable[type[nn.Module] | str | Predicate]
+)
+"""Layer types, name patterns and/or predicates that select modules, see :func:`apply_masks`."""
 
 
 def apply_masks(
@@ -46,10 +51,19 @@ def apply_masks(
     - a single mask, given to every module that ``include`` selects.
 
     ``include`` is layer types, :func:`fnmatch.fnmatchcase` patterns on the qualified name
-    (``"layer1.*"``; ``*`` also matches dots), or a list of both. A module is selected when
-    it is an instance of one of the types (if any are given) and its name matches one of the
-    patterns (if any are given): ``[nn.Conv2d, "layer3.*", "layer4.*"]`` selects the
-    Conv2d layers inside ``layer3`` and ``layer4``.
+    (``"layer1.*"``; ``*`` also matches dots), predicates ``(name, module) -> bool``, or a
+    list that mixes them. A module is selected when it is an instance of one of the types
+    (if any are given), its name matches one of the patterns (if any are given), and every
+    predicate returns True for it: ``[nn.Conv2d, "layer3.*", "layer4.*"]`` selects the
+    Conv2d layers inside ``layer3`` and ``layer4``. A predicate picks layers by anything
+    else, such as their kernel size, so that a 3x3x3 mask skips the 2x2x2 down-sampling
+    convs of a 3-D U-Net::
+
+        include=lambda name, m: isinstance(m, nn.Conv3d) and m.kernel_size == (3, 3, 3)
+
+    A predicate sees every module of ``model`` once, ``model`` itself included (name
+    ``""``), with maskparam's own parametrization modules left out, and sees a masked
+    layer as the instance of its original class that it still is.
 
     Every selected layer is checked before any is masked: if one fails, nothing is masked
     and the error names that layer. Each layer gets its own copy of its mask, so one tensor
@@ -60,7 +74,8 @@ def apply_masks(
         masks: A dict, a callable or a single mask, see above. A mask is anything
             :func:`~maskparam.apply_mask` accepts.
         bias_mode: Passed to :func:`~maskparam.apply_mask` for every layer.
-        include: Layer types and/or name patterns; only with a single mask, which needs it.
+        include: Layer types, name patterns and/or predicates; only with a single mask,
+            which needs it.
         execution: Passed to :func:`~maskparam.apply_mask` for every layer.
 
     Returns:
@@ -72,11 +87,14 @@ def apply_masks(
 
     Raises:
         TypeError: If ``model`` is not a module, a dict key is not a str, or ``include``
-            holds something other than module types and str patterns.
+            holds something other than module types, str patterns and predicates (a module
+            instance, say).
         ValueError: If ``include`` is given with a dict or a callable, or missing with a
             single mask, if a dict names a module that does not exist or names one module
             twice, if nothing is selected, or if any selected layer cannot take its mask
-            (the message names it; see :func:`~maskparam.apply_mask`).
+            (the message names it; see :func:`~maskparam.apply_mask`; when ``include``
+            selected a layer the mask does not fit, it also shows a predicate that skips
+            such layers).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
@@ -112,9 +130,10 @@ def apply_masks(
                 warnings.simplefilter("ignore")  # apply_mask warns again below, with the name
                 apply._prepare(module, mask, "weight", bias_mode, execution)
         except (TypeError, ValueError) as err:
+            hint = _include_hint(module, mask) if include is not None else ""
             raise type(err)(
-                f"apply_masks could not mask {name!r} ({type(module).__name__}), so it masked "
-                f"nothing. {err}"
+                f"apply_masks could not mask {name!r} ({_kind(module)}), so it masked "
+                f"nothing. {err}{hint}"
             ) from None
     # Inside the transaction: with warnings as errors, a warning masks nothing.
     with _transaction.atomic(module for _, module, _ in plan):
@@ -208,34 +227,40 @@ class LayerSummary:
 
 @dataclass(frozen=True)
 class MaskSummary:
-    """What :func:`mask_summary` returns: one row per masked layer, with totals.
+    """What :func:`mask_summary` returns: one row per masked layer, with two totals.
 
     ``str(summary)`` (or ``print(summary)``) gives the table; the rows and the totals are
-    plain data for code.
+    plain data for code. The table ends with two rows: ``total``, the sums over the masked
+    layers above it (:attr:`total`), and ``whole model``, the same counts over every
+    parameter of the model, masked or not (:attr:`model_total`).
 
     Attributes:
         rows: One :class:`LayerSummary` per masked layer, in module order.
+        model_total: The whole model as one row named ``"whole model"``: its taps over every
+            conv layer (an unmasked layer uses all of its taps), its parameters over every
+            parameter of the model (shared ones once), active unless a mask holds them at
+            zero.
     """
 
     rows: tuple[LayerSummary, ...]
+    model_total: LayerSummary
 
     @property
     def total(self) -> LayerSummary:
-        """The column sums as a row named ``"total"``; taps only over layers with taps."""
-        taps = [r for r in self.rows if r.total_taps is not None]
-        return LayerSummary(
-            name="total",
-            type="",
-            kernel=None,
-            active_taps=sum(r.active_taps or 0 for r in taps) if taps else None,
-            total_taps=sum(r.total_taps or 0 for r in taps) if taps else None,
-            active_params=sum(r.active_params for r in self.rows),
-            total_params=sum(r.total_params for r in self.rows),
-        )
+        """The column sums over the masked layers as a row named ``"total"``.
+
+        Taps are summed only over layers with taps (None if there are none).
+        """
+        return _sum_rows("total", self.rows)
 
     def __str__(self) -> str:
         header = ("name", "type", "kernel", "active taps", "active params")
-        lines = [header, *(_cells(row) for row in self.rows), _cells(self.total, total=True)]
+        lines = [
+            header,
+            *(_cells(row) for row in self.rows),
+            _cells(self.total, total=True),
+            _cells(self.model_total, total=True),
+        ]
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         text = []
         for line in lines:
@@ -248,31 +273,57 @@ class MaskSummary:
 def mask_summary(model: nn.Module) -> MaskSummary:
     """Summarise the masks in ``model``: active taps and parameters per masked layer.
 
+    Two totals follow the rows: ``total`` over the masked layers, and ``whole model`` over
+    every parameter of ``model``, masked or not, so the share of the whole network that a
+    mask switches off is one line.
+
     Args:
-        model: Any model; layers without a mask are left out.
+        model: Any model; layers without a mask have no row but count in ``whole model``.
 
     Returns:
-        A :class:`MaskSummary`: print it for a table, or read its ``rows`` and ``total``.
+        A :class:`MaskSummary`: print it for a table, or read its ``rows``, ``total`` and
+        ``model_total``.
 
     Raises:
         TypeError: If ``model`` is not a module.
 
     Example:
-        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Linear(4, 2, bias=False))
+        >>> model = nn.Sequential(
+        ...     nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Linear(4, 2, bias=False), nn.Conv2d(2, 1, 1)
+        ... )
         >>> plus = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]])
         >>> _ = apply_masks(model, {"0": plus, "2": torch.tensor([1, 1, 0, 0])})
         >>> summary = mask_summary(model)
         >>> print(summary)
-        name   type    kernel  active taps  active params
-        0      Conv2d  3x3             5/9  12/20 (60.0%)
-        2      Linear  -                 -    4/8 (50.0%)
-        total                          5/9  16/28 (57.1%)
-        >>> summary.total.active_params, summary.rows[0].kernel
-        (16, (3, 3))
+        name         type    kernel  active taps  active params
+        0            Conv2d  3x3             5/9  12/20 (60.0%)
+        2            Linear  -                 -    4/8 (50.0%)
+        total                                5/9  16/28 (57.1%)
+        whole model                         6/10  19/31 (61.3%)
+        >>> summary.total.active_params, summary.model_total.total_params
+        (16, 31)
     """
     _checks.check_module(model, "mask_summary")
-    rows = [_summarise(name, module) for name, module in _layers(model) if _masked_tensors(module)]
-    return MaskSummary(tuple(rows))
+    rows: list[LayerSummary] = []
+    others: list[LayerSummary] = []  # the unmasked layers, for the whole model's taps
+    for name, module in _layers(model):
+        (rows if _masked_tensors(module) else others).append(_summarise(name, module))
+    masked = _sum_rows("total", rows)
+    unmasked = _sum_rows("", others)
+    # Parameters by identity, so a shared one counts once; a mask hides only its own layer's.
+    total_params = sum(p.numel() for p in model.parameters())
+    hidden = masked.total_params - masked.active_params
+    taps = [row for row in (masked, unmasked) if row.total_taps is not None]
+    model_total = LayerSummary(
+        name="whole model",
+        type="",
+        kernel=None,
+        active_taps=sum(row.active_taps or 0 for row in taps) if taps else None,
+        total_taps=sum(row.total_taps or 0 for row in taps) if taps else None,
+        active_params=total_params - hidden,
+        total_params=total_params,
+    )
+    return MaskSummary(tuple(rows), model_total)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -382,31 +433,79 @@ def _from_dict(model: nn.Module, masks: Mapping[Any, Any]) -> list[tuple[str, nn
 def _selector(include: object) -> Callable[[str, nn.Module], bool]:
     """A test ``(name, module) -> bool`` for the modules that ``include`` selects."""
     items: list[object]
-    if isinstance(include, (type, str)) or not isinstance(include, Iterable):
+    if isinstance(include, (type, str)) or _is_predicate(include):
         items = [include]
-    else:
+    elif isinstance(include, Iterable) and not isinstance(include, nn.Module):
         items = list(include)
+    else:
+        items = [include]
     bad = [
         item
         for item in items
-        if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module)))
+        if not (
+            isinstance(item, str)
+            or (isinstance(item, type) and issubclass(item, nn.Module))
+            or _is_predicate(item)
+        )
     ]
     if bad or not items:
         held = f", which holds {bad[0]!r}" if bad and bad[0] is not include else ""
         raise TypeError(
             "apply_masks expects include to be module types (such as nn.Conv2d), name "
-            f"patterns (such as 'layer1.*'), or a non-empty list of both. Got {include!r}"
-            f"{held}."
+            "patterns (such as 'layer1.*'), predicates (name, module) -> bool, or a "
+            f"non-empty list of them. Got {include!r}{held}."
         )
     types = tuple(item for item in items if isinstance(item, type))
     patterns = [item for item in items if isinstance(item, str)]
+    predicates = [item for item in items if _is_predicate(item)]
 
     def selected(name: str, module: nn.Module) -> bool:
-        return (not types or isinstance(module, types)) and (
-            not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        return (
+            (not types or isinstance(module, types))
+            and (not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns))
+            and all(bool(predicate(name, module)) for predicate in predicates)  # type: ignore[operator]
         )
 
     return selected
+
+
+def _is_predicate(item: object) -> bool:
+    """Whether ``item`` is a function-like predicate: callable, but no type and no module."""
+    return callable(item) and not isinstance(item, (type, nn.Module))
+
+
+def _kind(module: nn.Module) -> str:
+    """The layer's own class name, ``Conv3d``, also once parametrize has swapped its class."""
+    return parametrize.type_before_parametrizations(module).__name__
+
+
+def _include_hint(module: nn.Module, mask: object) -> str:
+    """How to leave out the layers a mask does not fit, when it does not fit ``module``."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        return ""
+    try:
+        as_bool = _checks.as_bool_mask(mask, "apply_masks")
+    except (TypeError, ValueError):
+        return ""
+    if _checks.mask_fits(as_bool, weight):
+        return ""
+    kind = _kind(module)
+    kernel = getattr(module, "kernel_size", None)
+    shape = tuple(as_bool.shape)
+    if isinstance(kernel, tuple) and as_bool.dim() == len(kernel):
+        test = f"isinstance(m, nn.{kind}) and m.kernel_size == {shape}"
+    elif 1 not in shape:  # then the mask fits exactly the weights whose trailing dims it has
+        test = f"isinstance(m, nn.{kind}) and m.weight.shape[-{len(shape)}:] == {shape}"
+    else:  # a broadcasting mask: no one-line test says which weights it fits
+        return (
+            " To mask only the layers the mask fits, give include a predicate "
+            "(name, module) -> bool that selects them."
+        )
+    return (
+        " To mask only the layers the mask fits, select them with a predicate, such as "
+        f"include=lambda name, m: {test}."
+    )
 
 
 def _describe(masks: object, include: object) -> str:
@@ -451,6 +550,21 @@ def _summarise(name: str, module: nn.Module) -> LayerSummary:
         total_taps=total_taps,
         active_params=active,
         total_params=total,
+    )
+
+
+def _sum_rows(name: str, rows: Iterable[LayerSummary]) -> LayerSummary:
+    """The column sums of ``rows`` as one row; taps only over the rows that have taps."""
+    rows = list(rows)
+    taps = [r for r in rows if r.total_taps is not None]
+    return LayerSummary(
+        name=name,
+        type="",
+        kernel=None,
+        active_taps=sum(r.active_taps or 0 for r in taps) if taps else None,
+        total_taps=sum(r.total_taps or 0 for r in taps) if taps else None,
+        active_params=sum(r.active_params for r in rows),
+        total_params=sum(r.total_params for r in rows),
     )
 
 

@@ -18,6 +18,7 @@ from maskparam.masks import (
     blind_spot,
     box,
     causal,
+    checkerboard,
     cross,
     diamond,
     dilated,
@@ -762,3 +763,106 @@ def test_random_with_a_cuda_generator() -> None:
     assert torch.equal(mask, again)
     conv = apply_mask(nn.Conv2d(2, 3, 5, device="cuda"), ball(5, ndim=2))
     assert int((conv.weight[0, 0] != 0).sum().item()) == 13
+
+
+# -- checkerboard -----------------------------------------------------------------------------
+
+
+def compressai_checkerboard_5x5() -> torch.Tensor:
+    """CompressAI's CheckerboardMaskedConv2d mask, built as its constructor builds it."""
+    mask = torch.zeros(1, 1, 5, 5)
+    mask[:, :, 0::2, 1::2] = 1
+    mask[:, :, 1::2, 0::2] = 1
+    return mask[0, 0].bool()
+
+
+def test_checkerboard_is_compressai_s_5x5_mask() -> None:
+    assert torch.equal(checkerboard(5, ndim=2), compressai_checkerboard_5x5())
+    assert torch.equal(checkerboard((5, 5)), compressai_checkerboard_5x5())
+    assert int(checkerboard(5, ndim=2).sum()) == 12
+
+
+@pytest.mark.parametrize(
+    ("sizes", "taps"),
+    [
+        ((1,), 0),
+        ((3,), 2),
+        ((3, 3), 4),
+        ((5, 5), 12),
+        ((3, 3, 3), 14),
+        ((5, 5, 5), 62),
+        ((1, 3), 2),
+    ],
+)
+def test_checkerboard_counts(sizes: tuple[int, ...], taps: int) -> None:
+    assert int(checkerboard(sizes).sum()) == taps
+
+
+@given(sizes=odd_kernel_sizes(ndims=(1, 2, 3, 4)))
+def test_checkerboard_keeps_the_taps_whose_offsets_sum_to_an_odd_number(
+    sizes: tuple[int, ...],
+) -> None:
+    mask = checkerboard(sizes)
+    assert torch.equal(mask, by_rule(sizes, lambda o: sum(o) % 2 == 1))
+    assert mask.shape == sizes
+    assert mask.dtype == torch.bool
+    # Half of the taps but one: sum over offsets of (-1) ** sum(o) is the product over axes
+    # of (-1) ** (k // 2), so the odd taps number (numel - that product) / 2.
+    sign = math.prod((-1) ** (k // 2) for k in sizes)
+    assert int(mask.sum()) == (mask.numel() - sign) // 2
+    assert not bool(mask[tuple(k // 2 for k in sizes)])  # never the centre
+
+
+@given(sizes=odd_kernel_sizes(ndims=(1, 2, 3)))
+def test_checkerboard_neighbours_along_an_axis_alternate(sizes: tuple[int, ...]) -> None:
+    mask = checkerboard(sizes)
+    for axis, k in enumerate(sizes):
+        if k > 1:
+            front = mask.narrow(axis, 0, k - 1)
+            back = mask.narrow(axis, 1, k - 1)
+            assert torch.equal(front, ~back)
+    assert torch.equal(mask, mask.flip(tuple(range(len(sizes)))))  # point symmetric
+
+
+def test_checkerboard_anchors_feed_the_non_anchors_only() -> None:
+    # One layer of the checkerboard context model: anchors (even parity positions of the
+    # image) feed the outputs at non-anchors; a change at a non-anchor reaches no output at
+    # a non-anchor.
+    conv = apply_mask(nn.Conv2d(1, 1, 5, padding=2, bias=False), checkerboard(5, ndim=2))
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 3, 4] = 1.0  # (3 + 4) odd: a non-anchor
+    with torch.no_grad():
+        out = conv(x)[0, 0]
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    assert bool((out[(rows + cols) % 2 == 1] == 0).all())
+
+
+def test_checkerboard_is_a_fresh_cpu_bool_tensor() -> None:
+    first = checkerboard(3, ndim=2)
+    assert (first.dtype, first.device.type) == (torch.bool, "cpu")
+    first.fill_(True)
+    assert int(checkerboard(3, ndim=2).sum()) == 4
+
+
+@pytest.mark.parametrize(
+    ("kernel_size", "ndim", "error", "match"),
+    [
+        (
+            (5, 4),
+            None,
+            ValueError,
+            r"checkerboard needs an odd kernel size along every axis, so that the kernel has a "
+            r"centre tap\. Got kernel_size=\(5, 4\)",
+        ),
+        (4, 2, ValueError, r"checkerboard needs an odd kernel size .*Got kernel_size=\(4, 4\)"),
+        (5, None, ValueError, r"checkerboard needs ndim when kernel_size is an int: pass "),
+        (5.0, 2, TypeError, r"checkerboard expects kernel_size as an int or a tuple of ints"),
+        (5, 0, ValueError, r"checkerboard expects ndim to be at least 1\. Got ndim=0"),
+        ((5, 5), 3, ValueError, r"checkerboard expects ndim to match the number of kernel"),
+    ],
+)
+def test_exception_checkerboard(
+    kernel_size: Any, ndim: Any, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        checkerboard(kernel_size, ndim)

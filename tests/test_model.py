@@ -158,6 +158,131 @@ def test_include_type_matches_subclasses_and_masked_modules_by_their_original_ty
     assert isinstance(model[0], MyConv)
 
 
+class UNet3d(nn.Module):
+    """A 3-D U-Net's layer mix: 3x3x3 convs, a 2x2x2 down-sampling conv, a 1x1x1 head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv3d(1, 2, 3, padding=1)
+        self.down = nn.Conv3d(2, 2, 2, stride=2)
+        self.mid = nn.Conv3d(2, 2, 3, padding=1)
+        self.up = nn.ConvTranspose3d(2, 2, 2, stride=2)
+        self.head = nn.Conv3d(2, 1, 1)
+
+
+CROSS3 = cross(3, ndim=3)
+
+
+def is_3x3x3(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv3d) and module.kernel_size == (3, 3, 3)
+
+
+def test_include_predicate_selects_by_kernel_size() -> None:
+    model = UNet3d()
+    assert apply_masks(model, CROSS3, include=is_3x3x3) == ["enc", "mid"]
+    assert not is_masked(model.down)
+    assert apply_masks(
+        UNet3d(), CROSS3, include=lambda name, m: getattr(m, "kernel_size", None) == (3, 3, 3)
+    ) == ["enc", "mid"]
+
+
+def test_include_predicates_and_types_and_patterns_all_narrow() -> None:
+    # Types are alternatives, patterns are alternatives, and every predicate must hold too.
+    def not_mid(name: str, module: nn.Module) -> bool:
+        return name != "mid"
+
+    assert apply_masks(UNet3d(), CROSS3, include=[nn.Conv3d, is_3x3x3, not_mid]) == ["enc"]
+    assert apply_masks(UNet3d(), CROSS3, include=["e*", "m*", is_3x3x3]) == ["enc", "mid"]
+
+
+def test_include_predicate_sees_names_and_modules_once_each() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def spy(name: str, module: nn.Module) -> bool:
+        seen.append((name, type(module).__name__))
+        return False
+
+    with pytest.raises(ValueError, match=r"at least one layer.*include="):
+        apply_masks(UNet3d(), CROSS3, include=spy)
+    assert seen == [
+        ("", "UNet3d"),
+        ("enc", "Conv3d"),
+        ("down", "Conv3d"),
+        ("mid", "Conv3d"),
+        ("up", "ConvTranspose3d"),
+        ("head", "Conv3d"),
+    ]
+
+
+def test_include_predicate_exception_propagates_and_changes_nothing() -> None:
+    model = UNet3d()
+    before = snapshot(model)
+
+    def boom(name: str, module: nn.Module) -> bool:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        apply_masks(model, CROSS3, include=boom)
+    assert_unchanged(model, before)
+
+
+def test_exception_misfit_under_include_shows_a_predicate() -> None:
+    model = UNet3d()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"could not mask 'down' \(Conv3d\)") as info:
+        apply_masks(model, CROSS3, include=nn.Conv3d)
+    message = str(info.value)
+    assert "kernel's spatial shape" in message
+    assert (
+        "include=lambda name, m: isinstance(m, nn.Conv3d) and m.kernel_size == (3, 3, 3)"
+        in message
+    )
+    assert_unchanged(model, before)
+    # The suggested predicate works as written.
+    suggestion = message.split("include=", 1)[1].rstrip(".")
+    assert apply_masks(model, CROSS3, include=eval(suggestion, {"nn": nn})) == ["enc", "mid"]
+
+
+def test_exception_misfit_under_include_without_a_kernel_shows_trailing_dims() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    mask = torch.tensor([1, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"could not mask '2' \(Linear\)") as info:
+        apply_masks(model, mask, include=nn.Linear)
+    hint = "include=lambda name, m: isinstance(m, nn.Linear) and m.weight.shape[-1:] == (4,)."
+    assert str(info.value).endswith(hint)
+    predicate = eval(hint.removeprefix("include=").rstrip("."), {"nn": nn})
+    assert apply_masks(model, mask, include=predicate) == ["0"]
+
+
+def test_exception_misfit_under_include_of_a_broadcasting_mask_asks_for_a_predicate() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 2, 3))
+    per_output_channel = torch.tensor([1, 0, 1, 1]).view(4, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"could not mask '1' \(Conv2d\)") as info:
+        apply_masks(model, per_output_channel, include=nn.Conv2d)
+    assert str(info.value).endswith(
+        "To mask only the layers the mask fits, give include a predicate (name, module) -> "
+        "bool that selects them."
+    )
+
+
+def test_exception_misfit_with_a_dict_has_no_include_hint() -> None:
+    with pytest.raises(ValueError, match=r"kernel's spatial shape") as info:
+        apply_masks(UNet3d(), {"down": CROSS3})
+    assert "include=" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("include", "match"),
+    [
+        (nn.Conv2d(1, 1, 3), r"Got Conv2d\(1, 1"),
+        ([nn.Conv2d, nn.ReLU()], r"which holds ReLU\(\)"),
+    ],
+)
+def test_exception_include_module_instance_is_not_a_predicate(include: object, match: str) -> None:
+    with pytest.raises(TypeError, match=r"module types .*predicates .*" + match):
+        apply_masks(UNet3d(), CROSS3, include=include)  # type: ignore[arg-type]
+
+
 def test_each_layer_owns_its_mask(net: Net) -> None:
     mask = PLUS.clone()
     apply_masks(net, mask, include=["stem", "*.conv"])
@@ -306,7 +431,7 @@ def test_exception_single_mask_needs_include(net: Net) -> None:
         (3, "Got 3."),
         ([nn.Conv2d, 3], "which holds 3"),
         (torch.Tensor, "which holds|Got <class 'torch.Tensor'>"),
-        ([], r"non-empty list of both. Got \[\]"),
+        ([], r"non-empty list of them. Got \[\]"),
     ],
 )
 def test_exception_bad_include(net: Net, include: object, match: str) -> None:
@@ -475,6 +600,10 @@ def test_mask_summary_rows_and_total() -> None:
     assert lines[3].split() == ["2", "ConvTranspose1d", "3", "2/3", "6/16", "(37.5%)"]
     assert lines[4].split() == ["3", "Linear", "-", "-", "9/10", "(90.0%)"]
     assert lines[5].split() == ["total", "16/21", "102/191", "(53.4%)"]
+    # The whole model adds the unmasked 1x1 conv: 1 tap, 1 weight and 1 bias.
+    assert summary.model_total == LayerSummary("whole model", "", None, 17, 22, 104, 193)
+    assert lines[6].split() == ["whole", "model", "17/22", "104/193", "(53.9%)"]
+    assert len(lines) == 7
     assert len({len(line) for line in lines[1:]}) == 1  # right-aligned columns
 
 
@@ -495,9 +624,34 @@ def test_mask_summary_bias_modes_count_the_bias() -> None:
 
 def test_mask_summary_of_an_unmasked_model_is_empty() -> None:
     summary = mask_summary(nn.Sequential(nn.Conv2d(1, 1, 3)))
-    assert summary == MaskSummary(rows=())
+    whole = LayerSummary("whole model", "", None, 9, 9, 10, 10)
+    assert summary == MaskSummary(rows=(), model_total=whole)
     assert summary.total == LayerSummary("total", "", None, None, None, 0, 0)
     assert str(summary).splitlines()[1].split() == ["total", "-", "0/0"]
+    assert str(summary).splitlines()[2].split() == ["whole", "model", "9/9", "10/10", "(100.0%)"]
+
+
+def test_mask_summary_whole_model_counts_every_parameter_once() -> None:
+    shared = nn.Conv1d(1, 1, 3)
+    free = nn.Parameter(torch.ones(5))  # a parameter of a container, in no layer
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(2, 2))
+    model.register_parameter("scale", free)
+    apply_masks(model, {"0": torch.tensor([1, 0, 1])})
+    summary = mask_summary(model)
+    assert [row.name for row in summary.rows] == ["0"]  # the shared conv, once
+    expected = sum(p.numel() for p in model.parameters())
+    assert expected == 4 + 6 + 5
+    assert summary.model_total.total_params == expected
+    assert summary.model_total.active_params == expected - 1
+    assert (summary.model_total.active_taps, summary.model_total.total_taps) == (2, 3)
+
+
+def test_mask_summary_whole_model_without_convs_has_no_taps() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    apply_masks(model, torch.tensor([1, 0]), include=nn.Linear)
+    whole = mask_summary(model).model_total
+    assert (whole.active_taps, whole.total_taps) == (None, None)
+    assert (whole.active_params, whole.total_params) == (4 + 2, 6 + 3)
 
 
 def test_mask_summary_is_frozen_data() -> None:
@@ -560,3 +714,26 @@ def test_apply_masks_passes_execution_and_checks_it_first() -> None:
     for name in names:
         assert _forward.EXECUTION_ATTR in model.get_submodule(name).__dict__
     torch.testing.assert_close(model(x), dense(x))
+
+
+# -- messages name the layer's own class -------------------------------------------------------
+
+
+def test_exception_already_masked_layer_is_named_by_its_own_class() -> None:
+    model = UNet3d()
+    apply_mask(model.mid, CROSS3)
+    with pytest.raises(ValueError, match=r"could not mask 'mid' \(Conv3d\), so it masked"):
+        apply_masks(model, CROSS3, include=is_3x3x3)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="apply._unmasked_parameter names type(module) (ParametrizedConv3d); apply.py is "
+    "being rewritten, so the fix is left to that rewrite",
+)
+def test_exception_already_masked_layer_never_names_the_generated_class() -> None:
+    model = UNet3d()
+    apply_mask(model.mid, CROSS3)
+    with pytest.raises(ValueError, match=r"already masked") as info:
+        apply_masks(model, CROSS3, include=is_3x3x3)
+    assert "Parametrized" not in str(info.value)

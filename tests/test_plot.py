@@ -336,3 +336,23 @@ def test_cli_show_exception(
     err = capsys.readouterr().err
     assert err.startswith("usage: python -m maskparam show")
     assert f"python -m maskparam show: error: {message}" in err
+
+
+def test_cli_show_checkerboard(capsys: pytest.CaptureFixture[str]) -> None:
+    from maskparam.masks import checkerboard
+
+    assert main(["show", "checkerboard", "5x5"]) == 0
+    expected = checkerboard(5, ndim=2)
+    assert capsys.readouterr().out == f"{to_text(expected)}\n12 of 25 taps\n"
+    assert main(["show", "checkerboard", "3x3x3"]) == 0
+    assert capsys.readouterr().out.endswith("\n14 of 27 taps\n")
+
+
+def test_exception_cli_show_checkerboard(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["show", "checkerboard", "4x4"])
+    assert info.value.code == 2
+    assert "checkerboard needs an odd kernel size along every axis" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["show", "checkerboard", "5x5", "--radius", "1"])
+    assert "checkerboard takes no options. Got --radius." in capsys.readouterr().err

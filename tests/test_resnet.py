@@ -132,10 +132,16 @@ def test_resnet18_mask_train_save_reload_bake(tmp_path: Path) -> None:
     assert (summary.total.active_taps, summary.total.total_taps) == (16 * 5, 16 * 9)
     assert summary.total.total_params == sum(weights)
     assert summary.total.active_params == sum(n // 9 * 5 for n in weights)
-    assert str(summary).splitlines()[-1].split()[1:3] == [
+    assert str(summary).splitlines()[-2].split()[1:3] == [
         "80/144",
         f"{sum(n // 9 * 5 for n in weights)}/{sum(weights)}",
     ]
+    # The whole model: every parameter, the masked taps the only ones held at zero.
+    every = sum(p.numel() for p in model.parameters())
+    hidden = sum(weights) - summary.total.active_params
+    assert str(summary).splitlines()[-1].split()[:2] == ["whole", "model"]
+    assert summary.model_total.total_params == every
+    assert summary.model_total.active_params == every - hidden
 
     # Save and reload: the state_dict into a freshly masked model, and the whole model.
     torch.save(model.state_dict(), tmp_path / "masked.pt")
