@@ -14,12 +14,6 @@ from maskparam import apply_mask, apply_masks, masks
 
 CROSS3 = masks.cross(3, ndim=3)
 
-APPLY_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="apply.py builds this message from type(module).__name__ (ParametrizedConv3d); "
-    "apply.py is being rewritten, so the fix (parametrize.type_before_parametrizations) "
-    "is left to that rewrite",
-)
 
 
 def _bias_masked() -> nn.Conv3d:
@@ -40,26 +34,22 @@ def test_apply_masks_misfit_hint_names_the_own_class() -> None:
     assert "isinstance(m, nn.Conv3d)" in str(info.value)
 
 
-@APPLY_XFAIL
 def test_apply_mask_already_masked_names_the_own_class() -> None:
     conv = apply_mask(nn.Conv3d(1, 1, 3), CROSS3)
     with pytest.raises(ValueError, match=r"^Conv3d\.weight is already masked"):
         apply_mask(conv, CROSS3)
 
 
-@APPLY_XFAIL
 def test_apply_mask_misfit_names_the_own_class() -> None:
     with pytest.raises(ValueError, match=r"for Conv3d\.weight\.shape="):
         apply_mask(_bias_masked(), torch.ones(2, 2, 2))
 
 
-@APPLY_XFAIL
 def test_apply_mask_bias_mode_on_a_masked_bias_names_the_own_class() -> None:
     with pytest.raises(ValueError, match=r"needs Conv3d\.bias to be a plain parameter"):
         apply_mask(_bias_masked(), CROSS3, bias_mode="channel")
 
 
-@APPLY_XFAIL
 def test_apply_mask_all_zero_warning_names_the_own_class() -> None:
     with pytest.warns(UserWarning, match=r"^The mask for Conv3d\.weight is all zero"):
         apply_mask(_bias_masked(), torch.zeros(3, 3, 3))

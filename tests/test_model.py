@@ -726,11 +726,6 @@ def test_exception_already_masked_layer_is_named_by_its_own_class() -> None:
         apply_masks(model, CROSS3, include=is_3x3x3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="apply._unmasked_parameter names type(module) (ParametrizedConv3d); apply.py is "
-    "being rewritten, so the fix is left to that rewrite",
-)
 def test_exception_already_masked_layer_never_names_the_generated_class() -> None:
     model = UNet3d()
     apply_mask(model.mid, CROSS3)
