@@ -17,6 +17,7 @@ __all__ = [
     "as_bool_mask",
     "check_mask_fits",
     "check_module",
+    "layer_class",
     "mask_fits",
     "parametrizations_of",
     "warn_if_empty",
@@ -31,6 +32,18 @@ def check_module(module: object, caller: str) -> nn.Module:
             f"Got {type(module).__name__}."
         )
     return module
+
+
+def layer_class(module: nn.Module) -> type[nn.Module]:
+    """The layer's own class: never the generated ``Parametrized...`` one, nor FSDP's.
+
+    maskparam records the class it derived from as ``_maskparam_base``; FSDP2's
+    ``fully_shard`` subclasses the class again, so its first base is ``FSDPModule``.
+    """
+    base = getattr(type(module), "_maskparam_base", None)
+    if isinstance(base, type):
+        return base
+    return parametrize.type_before_parametrizations(module)
 
 
 def parametrizations_of(module: nn.Module, name: str) -> list[nn.Module]:

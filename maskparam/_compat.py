@@ -13,7 +13,7 @@ __all__ = ["local_shard"]
 
 
 def local_shard(full: Tensor, like: Tensor) -> Tensor:
-    """The part of ``full`` (a global-shaped tensor) that this rank holds of DTensor ``like``.
+    """The part of ``full`` (global-shaped, or broadcasting to it) this rank holds of ``like``.
 
     Why: an optimizer step writes a sharded parameter through its local shard, and the
     values to keep under a mask must be cut the same way. DTensor has no public call for
@@ -27,5 +27,10 @@ def local_shard(full: Tensor, like: Tensor) -> Tensor:
         like.device_mesh,  # type: ignore[attr-defined]
         like.placements,  # type: ignore[attr-defined]
     )
-    index = tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))
+    # ``full`` may broadcast (size 1 where ``like`` is larger): those dims are not cut.
+    full = full.reshape((1,) * (len(shape) - full.dim()) + tuple(full.shape))
+    index = tuple(
+        slice(None) if whole == 1 else slice(start, start + size)
+        for whole, start, size in zip(full.shape, offset, shape, strict=True)
+    )
     return full[index]

@@ -15,6 +15,7 @@ that bypass ``Optimizer.step``, such as a hand-written ``p.data.mul_(0.9)``.
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any
 
@@ -31,9 +32,7 @@ __all__ = ["held_count", "track"]
 
 _tracked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 # Per optimizer, during its step: (the stored tensor, where it is masked, the masked values).
-_held: weakref.WeakKeyDictionary[Any, list[tuple[Tensor, Tensor, Tensor]]] = (
-    weakref.WeakKeyDictionary()
-)
+_held: weakref.WeakKeyDictionary[Any, list[_Held]] = weakref.WeakKeyDictionary()
 _handles: list[Any] = []
 
 
@@ -87,10 +86,8 @@ def _hold(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for group in optimizer.param_groups:
             for param in group["params"]:
                 entry = masked.get(id(param))
-                if entry is None:
-                    continue
-                stored, off = _local(param, ~entry[1])
-                held.append((stored, off, stored.masked_select(off)))
+                if entry is not None:
+                    held.append(_Held(*_local(param, ~entry[1])))
     if held:
         _held[optimizer] = held
 
@@ -100,8 +97,44 @@ def _put_back(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if not held:
         return
     with torch.no_grad():
-        for stored, off, values in held:
-            stored.masked_scatter_(off, values)
+        for entry in held:
+            entry.put_back()
+
+
+class _Held:
+    """The entries of ``stored`` where ``off`` is True, copied aside until put back.
+
+    A mask that varies only over the trailing dims (a kernel's spatial mask) or only over
+    the leading ones (one per output channel) picks whole columns or rows of a 2-D view,
+    which gathers and scatters several times faster than an elementwise boolean select.
+    """
+
+    def __init__(self, stored: Tensor, off: Tensor) -> None:
+        self.stored, self.dim = stored, None
+        off = off.reshape((1,) * (stored.dim() - off.dim()) + tuple(off.shape))
+        varies = [size != 1 for size in off.shape]
+        if stored.is_contiguous() and any(varies):
+            first = varies.index(True)
+            last = len(varies) - varies[::-1].index(True)  # off varies within [first, last)
+            if first > 0 and last == stored.dim():  # columns of a (lead, trail) view
+                split, self.dim = first, 1
+                picked = off.reshape(off.shape[first:]).expand(stored.shape[first:])
+            elif first == 0 and last < stored.dim():  # rows
+                split, self.dim = last, 0
+                picked = off.reshape(off.shape[:last]).expand(stored.shape[:last])
+        if self.dim is not None:
+            self.view = stored.view(math.prod(stored.shape[:split]), -1)
+            self.index = picked.reshape(-1).nonzero().squeeze(1)
+            self.values = self.view.index_select(self.dim, self.index)
+        else:  # a mask per element: an index would take twice the values' memory
+            self.off = off.expand(stored.shape)
+            self.values = stored.masked_select(self.off)
+
+    def put_back(self) -> None:
+        if self.dim is None:
+            self.stored.masked_scatter_(self.off, self.values)
+        else:
+            self.view.index_copy_(self.dim, self.index, self.values)
 
 
 def _local(param: Tensor, off: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,7 +143,7 @@ def _local(param: Tensor, off: Tensor) -> tuple[Tensor, Tensor]:
     A DTensor (FSDP2's sharded parameter) is written shard by shard; each rank holds only
     its own part of the mask's entries.
     """
-    off = off.to(param.device).expand(param.shape)
+    off = off.to(param.device)
     if not _is_dtensor(param):
         return param, off
     from maskparam import _compat

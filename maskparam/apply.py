@@ -432,4 +432,4 @@ def _bias_mask_for(
 
 def _kind(module: nn.Module) -> str:
     """The layer's own class name, never the generated ``Parametrized...`` one."""
-    return parametrize.type_before_parametrizations(module).__name__
+    return _checks.layer_class(module).__name__

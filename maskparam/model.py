@@ -476,7 +476,7 @@ def _is_predicate(item: object) -> bool:
 
 def _kind(module: nn.Module) -> str:
     """The layer's own class name, ``Conv3d``, also once parametrize has swapped its class."""
-    return parametrize.type_before_parametrizations(module).__name__
+    return _checks.layer_class(module).__name__
 
 
 def _include_hint(module: nn.Module, mask: object) -> str:
@@ -544,7 +544,7 @@ def _summarise(name: str, module: nn.Module) -> LayerSummary:
             active += size if mask is None else int(mask.sum())
     return LayerSummary(
         name=name,
-        type=parametrize.type_before_parametrizations(module).__name__,
+        type=_checks.layer_class(module).__name__,
         kernel=kernel,
         active_taps=active_taps,
         total_taps=total_taps,

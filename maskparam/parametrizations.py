@@ -12,9 +12,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from maskparam._checks import as_bool_mask
+from maskparam._checks import as_bool_mask, layer_class
 
 __all__ = ["BiasMask", "FixedMask", "channel_activity"]
 
@@ -197,7 +196,7 @@ def channel_activity(module: nn.Module, weight_shape: Sequence[int], mask: Tenso
         ValueError: If the module's kind does not say which weight entries feed which output
             channel.
     """
-    base = parametrize.type_before_parametrizations(module)
+    base = layer_class(module)
     full = mask.expand(tuple(weight_shape))
     if issubclass(base, nn.modules.conv._ConvNd) and module.transposed:
         # ConvTranspose weight is (in, out // groups, *k); output channel g * (out // groups) + j

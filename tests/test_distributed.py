@@ -195,6 +195,12 @@ def test_fsdp2_fully_shard_trains_a_masked_model(tmp_path: Path) -> None:
     run(_fsdp_worker, tmp_path)
     state = torch.load(tmp_path / "fsdp.pt")
     compare_with_reference(state)
+    # Weight decay reached every shard, yet the values under the masks are as built.
+    initial = build()
+    for name in ("0", "2"):
+        key = f"{name}.parametrizations.weight.original"
+        off = ~get_mask(initial.get_submodule(name)).expand(state[key].shape)
+        assert torch.equal(state[key][off], initial.state_dict()[key][off])
     plain = nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1), nn.Flatten()
     )

@@ -15,7 +15,6 @@ from maskparam import apply_mask, apply_masks, masks
 CROSS3 = masks.cross(3, ndim=3)
 
 
-
 def _bias_masked() -> nn.Conv3d:
     """A Conv3d whose bias, not its weight, is masked: parametrized, weight still plain."""
     return apply_mask(nn.Conv3d(1, 2, 3), torch.tensor([1, 0]), name="bias")

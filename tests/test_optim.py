@@ -6,8 +6,10 @@ import copy
 import inspect
 from collections.abc import Callable
 
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import given, settings
 from torch import nn
 
 from maskparam import _optim, apply_mask, masks, remove_mask, set_mask
@@ -170,3 +172,29 @@ def test_a_masked_model_is_no_larger_than_a_plain_one() -> None:
             t.numel() * t.element_size() for t in module._buffers.values() if t is not None
         )
     assert held <= plain * 1.02
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    data=st.data(),
+    channels_last=st.booleans(),
+)
+def test_held_values_come_back_for_any_mask_shape(
+    shape: list[int], data: st.DataObject, channels_last: bool
+) -> None:
+    # Every broadcastable mask shape: trailing (a kernel's), leading (per channel), mixed,
+    # per element; contiguous or not.
+    mask_shape = [data.draw(st.sampled_from([1, size])) for size in shape]
+    mask_shape = mask_shape[data.draw(st.integers(0, len(mask_shape))) :]
+    off = torch.rand(mask_shape, generator=torch.Generator().manual_seed(len(shape))) > 0.5
+    stored = torch.randn(shape)
+    if channels_last and len(shape) == 4:
+        stored = stored.to(memory_format=torch.channels_last)
+    before = stored.clone()
+    held = _optim._Held(stored, off)
+    stored.add_(1.0)  # a step moves everything
+    held.put_back()
+    full = off.expand(stored.shape)
+    assert torch.equal(stored[full], before[full])
+    assert torch.equal(stored[~full], before[~full] + 1.0)
