@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from maskparam import _checks, _forward
+from maskparam import _checks, _compat, _forward
 from maskparam.parametrizations import FixedMask
 
 __all__ = ["adopt"]
@@ -56,7 +56,7 @@ def adopt(module: nn.Module, base: type[nn.Module] | None = None) -> None:
     module.__class__ = type(f"Parametrized{base.__name__}", (base,), namespace)
     for tensor_name in module.parametrizations:  # type: ignore[union-attr]
         # The same property torch installs, bound to this instance (its cache key is the id).
-        parametrize._inject_property(module, tensor_name)
+        _compat.inject_property(module, tensor_name)
 
 
 def _base_of(module: nn.Module) -> type[nn.Module]:

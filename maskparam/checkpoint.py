@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from maskparam import _checks, _module_class
+from maskparam import _checks, _compat, _module_class
 from maskparam.parametrizations import BiasMask, FixedMask
 
 __all__ = ["SAFE_GLOBALS", "bake_file", "bake_state_dict"]
@@ -298,8 +298,8 @@ def _same_file(a: Path, b: Path) -> bool:
 def _first_reason(err: BaseException) -> str:
     """The line of a ``torch.load`` error that says what is wrong, as one sentence."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:
-        if "Unsupported global" in line:
-            return line.split(" was not an allowed global")[0].split("error: ")[-1] + "."
+    refused = _compat.unsupported_global(err)
+    if refused is not None:
+        return refused + "."
     text = f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
     return text if text.endswith(".") else text + "."
