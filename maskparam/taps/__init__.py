@@ -29,14 +29,11 @@ layer: the dense convolution as it is, the dense convolution in channels-last la
 active taps. It keeps dense unless another path is clearly faster, so it never picks a slower
 path (up to timing noise). See :class:`TapExecution` for the details and the fallbacks.
 
-The subpackage, one job per file: :mod:`~maskparam.taps.boxes` (the decomposition),
-:mod:`~maskparam.taps.plan` (where each box reads, per input size),
-:mod:`~maskparam.taps.memory` (layout copies, scratch buffers),
-:mod:`~maskparam.taps.reference` and :mod:`~maskparam.taps.fused` (the box paths),
-:mod:`~maskparam.taps.paths` (every path, by name), :mod:`~maskparam.taps.choose` (the
-rules), :mod:`~maskparam.taps.auto` (the timing of ``"auto"``) and
-:mod:`~maskparam.taps.execution` (what ``apply_mask`` records). The rest of maskparam
-imports only this module.
+The subpackage, one job per file: ``boxes.py`` (the decomposition), ``plan.py`` (where
+each box reads, per input size), ``memory.py`` (layout copies, scratch buffers),
+``reference.py`` and ``fused.py`` (the box paths), ``paths.py`` (every path, by name),
+``choose.py`` (the rules), ``auto.py`` (the timing of ``"auto"``) and ``execution.py``
+(what ``apply_mask`` records). The rest of maskparam imports only this module.
 """
 
 from __future__ import annotations

@@ -285,7 +285,10 @@ RULES: tuple[Rule, ...] = (
         lambda c: "the boxes on the CPU, with the hand-written backward",
     ),
 )
-"""The rules :func:`choose` walks, in order; the last always holds."""
+"""The rules ``choose`` walks, in order, for every call; the last always holds.
+
+Each names a condition, the path it leads to and why (see :func:`maskparam.taps.explain`).
+"""
 
 
 def choose(call: Call) -> Choice:

@@ -337,7 +337,8 @@ class Explanation:
     """Which path a layer takes for an input, and why; ``str()`` says it in a sentence.
 
     Attributes:
-        path: One of :data:`~maskparam.taps.paths.PATHS`.
+        path: ``"dense"``, ``"dense_cl"``, ``"kernel"``, ``"kernel_op"``, ``"fused"`` or
+            ``"reference"``, see :func:`explain`.
         rule: The name of the rule in :data:`~maskparam.taps.choose.RULES` that chose it,
             or ``"execution"``/``"bias_mode"`` for a layer without active-tap execution.
         reason: Why, in words.

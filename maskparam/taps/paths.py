@@ -88,8 +88,8 @@ def run_boxes(
         bias: The bias or None.
         boxes: From :func:`~maskparam.taps.decompose` of the weight's active taps, at least
             one.
-        path: One of :data:`BOX_PATHS`; by default the one
-            :func:`~maskparam.taps.choose.box_path` picks for this call.
+        path: ``"kernel"``, ``"kernel_op"``, ``"fused"`` or ``"reference"``; by default
+            the one the rules of :data:`~maskparam.taps.choose.RULES` pick for this call.
 
     Returns:
         The output, in the layout the dense convolution gives.
