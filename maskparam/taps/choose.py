@@ -151,12 +151,6 @@ def _tracing(c: Call) -> bool:
     return bool(torch.jit.is_tracing()) or torch.onnx.is_in_onnx_export()  # type: ignore[attr-defined, no-untyped-call]
 
 
-def _kind(c: Call) -> str:
-    from torch.nn.utils import parametrize
-
-    return parametrize.type_before_parametrizations(c.module).__name__
-
-
 RULES: tuple[Rule, ...] = (
     Rule(
         "tracing",

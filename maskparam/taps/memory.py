@@ -123,7 +123,7 @@ class Scratch:
         """Give back tensors from :meth:`take` (None is skipped); keep the largest buffers."""
         with self._lock:
             for t in tensors:
-                buffer = t if t is None or t._base is None else t._base
+                buffer = None if t is None else _compat.view_base(t)
                 if buffer is not None and all(b is not buffer for b in self._free):
                     self._free.append(buffer)
             self._free.sort(key=Tensor.numel)
