@@ -18,7 +18,7 @@ from maskparam.parametrizations import FixedMask
 from maskparam.taps import auto
 from maskparam.taps.boxes import Box
 from maskparam.taps.memory import is_channels_last
-from maskparam.taps.plan import count, geometry, lift, output_size
+from maskparam.taps.plan import box_plan, count, geometry, lift
 
 __all__ = ["RULES", "Call", "Choice", "Plan", "Rule", "box_path", "choose", "outermost"]
 
@@ -118,7 +118,8 @@ class Call:
         x, w = lift(self.input, self.weight)
         one_d = self.weight.dim() == 3
         geo = geometry(self.module, one_d)
-        out_size = output_size(geo, tuple(x.shape[2:]), tuple(w.shape[2:]))
+        plan_of = box_plan.__wrapped__ if self.compiling else box_plan  # cached in eager mode
+        out_size = plan_of(boxes, geo, tuple(x.shape[2:]), tuple(w.shape[2:]), one_d).out_size
         out_cl = not one_d and (is_channels_last(x) or is_channels_last(self.weight))
         return _tap_kernel.applies(
             x, w, self.bias, geo.stride, geo.groups, out_size, out_cl, count(boxes)
