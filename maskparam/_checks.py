@@ -6,6 +6,8 @@ modifies anything and a failed call leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -129,12 +131,29 @@ def check_mask_fits(mask: Tensor, weight: Tensor, where: str, caller: str) -> No
         )
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """Warn with the line of the user's code that led here, however deep maskparam is.
+
+    The stack level counts the frames inside maskparam and torch (``nn.Module.__call__``
+    sits between a user's ``model(x)`` and a forward-time warning), so the warning points
+    at the first frame outside both.
+    """
+    frame = sys._getframe(1)  # warnings.warn's stack level 2
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE, _TORCH)):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
+
+
 def warn_if_empty(mask: Tensor, where: str) -> None:
     """Warn when ``mask`` switches off every tap: allowed, but rarely what anyone meant."""
     if mask.numel() == 0 or not bool(mask.any()):
-        warnings.warn(
+        warn_at_caller(
             f"The mask for {where} is all zero: every tap is switched off, so the weight is "
-            "identically zero and learns nothing.",
-            UserWarning,
-            stacklevel=3,
+            "identically zero and learns nothing."
         )

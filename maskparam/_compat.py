@@ -1,15 +1,185 @@
-"""Every use of torch internals in maskparam, in one place, each with why and since when.
+"""Every use of torch internals in maskparam, each behind one small shim.
 
-maskparam depends on ``torch>=2.13``. Each shim below names the torch release it was written
-against; ``tests/test_compat.py`` checks each one, so a torch release that changes one
-fails there, loudly, rather than somewhere deep in a forward.
+Torch gives no public way to do what these do. Each shim says why it exists and which torch
+it was written against; ``tests/test_compat.py`` checks each against the installed torch and
+fails, naming the shim, when torch changes what it relies on. Nothing else in maskparam
+touches ``torch._C``, a private module attribute, a private method or an error's text.
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+from collections.abc import MutableMapping
+from typing import Any
 
-__all__ = ["local_shard"]
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "ConvNd",
+    "can_add_conv_in_place",
+    "conv_add_",
+    "dense_conv_forward",
+    "forward_ad_level",
+    "functorch_active",
+    "inject_property",
+    "load_state_dict_post_hooks",
+    "local_shard",
+    "reversed_padding",
+    "tensor_version",
+    "unsupported_global",
+    "view_base",
+]
+
+ConvNd = nn.modules.conv._ConvNd
+"""The base class of Conv1d/2d/3d and ConvTranspose1d/2d/3d (since torch 1.0; checked on 2.13).
+
+Private by name, but the one class that holds what every conv has (``transposed``,
+``padding_mode``, ``_conv_forward``); torch exports no public alias for it.
+"""
+
+
+def inject_property(module: nn.Module, tensor_name: str) -> None:
+    """Install on ``type(module)`` the property torch's parametrize gives ``tensor_name``.
+
+    Why: a module made with :func:`copy.deepcopy` or unpickled needs its own generated
+    class with the same property torch would install; torch has no public function that
+    makes it. ``parametrize._inject_property(module, name)``, since torch 1.9 (checked on
+    torch 2.13).
+    """
+    parametrize._inject_property(module, tensor_name)
+
+
+def dense_conv_forward(
+    base: type[nn.Module], module: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | None
+) -> Tensor:
+    """The convolution of ``base`` (Conv1d/2d/3d) on ``module``, as its own forward runs it.
+
+    Why: maskparam replaces ``_conv_forward`` (the step after the parametrized weight is
+    read) and calls the original for the dense path; the method is private. Present with
+    this signature ``(input, weight, bias)`` since torch 1.8 (checked on torch 2.13).
+    """
+    out: Tensor = base._conv_forward(module, input, weight, bias)  # type: ignore[attr-defined]
+    return out
+
+
+def reversed_padding(module: nn.Module) -> list[int]:
+    """The ``F.pad`` argument a conv with a ``padding_mode`` other than zeros pads with.
+
+    Why: torch computes it in ``__init__`` (also for ``padding="same"``, where it is not
+    symmetric) and keeps it in the private ``_reversed_padding_repeated_twice``; recomputing
+    it would mirror torch's arithmetic. Since torch 1.5 (checked on torch 2.13).
+    """
+    pad: list[int] = list(module._reversed_padding_repeated_twice)  # type: ignore[arg-type]
+    return pad
+
+
+def load_state_dict_post_hooks(module: nn.Module) -> MutableMapping[int, Any]:
+    """The module's ``load_state_dict`` post-hooks, by handle id.
+
+    Why: registering a hook once per module needs to see which are there, and removing it
+    without its handle needs the dict; torch keeps it in the private
+    ``_load_state_dict_post_hooks``. Since torch 1.13 (checked on torch 2.13).
+    """
+    hooks: MutableMapping[int, Any] = module._load_state_dict_post_hooks
+    return hooks
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jvp...) is running.
+
+    Why: the box paths call autograd Functions and in-place conv ops that functorch cannot
+    transform; torch exposes the check only as ``torch._C._are_functorch_transforms_active``
+    (since torch 2.0, checked on torch 2.13). False where it is missing.
+    """
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
+def forward_ad_level() -> int:
+    """The innermost forward-mode AD level, -1 outside ``torch.autograd.forward_ad``.
+
+    Why: the hand-written backwards have no forward derivative, so forward-mode AD must
+    take the composite path; torch keeps the level in the private
+    ``torch.autograd.forward_ad._current_level`` (since torch 1.11, checked on torch 2.13).
+    """
+    level: int = getattr(torch.autograd.forward_ad, "_current_level", -1)
+    return level
+
+
+def tensor_version(t: Tensor) -> int:
+    """The version counter of ``t``, which every in-place edit bumps.
+
+    Why: a plan must see an in-place edit of the mask buffer; ``Tensor._version`` is the
+    only way to notice one without comparing values (since torch 0.4, checked on 2.13).
+    """
+    version: int = t._version
+    return version
+
+
+def view_base(t: Tensor) -> Tensor:
+    """The tensor ``t`` is a view of, or ``t`` itself.
+
+    Why: a scratch buffer handed out as a view must be kept as the whole buffer;
+    ``Tensor._base`` (since torch 1.0, checked on torch 2.13).
+    """
+    base = t._base
+    return t if base is None else base
+
+
+def can_add_conv_in_place(x: Tensor) -> bool:
+    """Whether :func:`conv_add_` sums in place for ``x`` (float32 on a oneDNN CPU build).
+
+    Why: see :func:`conv_add_`; ``torch._C._get_mkldnn_enabled`` is what
+    ``torch.backends.mkldnn.flags(enabled=False)`` switches (checked on torch 2.13).
+    """
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+        and torch._C._get_mkldnn_enabled()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+    )
+
+
+def conv_add_(
+    out: Tensor,
+    x: Tensor,
+    w: Tensor,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> None:
+    """``out += conv(x, w)``, summed as oneDNN writes the conv's output where it can.
+
+    Why: adding a convolution into an existing channels-last sum saves a pass over the
+    output per box; only oneDNN's fused "binary add" op does it, and torch reaches it only
+    through the private ``torch.ops.mkldnn._convolution_pointwise_.binary`` (since torch
+    2.0, checked on torch 2.13). Elsewhere a plain ``out.add_(conv(...))``.
+    """
+    if can_add_conv_in_place(x):
+        torch.ops.mkldnn._convolution_pointwise_.binary(
+            out, x, w, None, padding, stride, dilation, groups, "add", 1.0, None, [], None
+        )
+        return
+    conv = {3: torch.conv1d, 4: torch.conv2d, 5: torch.conv3d}[x.dim()]
+    out.add_(conv(x, w, None, stride, padding, dilation, groups))
+
+
+def unsupported_global(error: BaseException) -> str | None:
+    """``"Unsupported global: GLOBAL mod.Name"`` from a ``torch.load`` error, else None.
+
+    Why: ``torch.load(weights_only=True)`` reports a class it refuses only inside a long
+    :class:`pickle.UnpicklingError` message (two options, a URL); the command line and
+    :func:`~maskparam.checkpoint.bake_file` show the one line that matters. The message
+    reads ``... WeightsUnpickler error: Unsupported global: GLOBAL mod.Name was not an
+    allowed global by default ...`` since torch 2.4 (checked on torch 2.13).
+    """
+    for line in str(error).splitlines():
+        if "Unsupported global" in line:
+            return line.strip().split(" was not an allowed global")[0].split("error: ")[-1]
+    return None
 
 
 def local_shard(full: Tensor, like: Tensor) -> Tensor:

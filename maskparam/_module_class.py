@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from maskparam import _checks, _forward, _optim
+from maskparam import _checks, _compat, _forward, _optim
 from maskparam.parametrizations import (
     LEGACY_EXTRA_STATE,
     BiasMask,
@@ -63,7 +63,7 @@ def adopt(module: nn.Module, base: type[nn.Module] | None = None) -> None:
     module.__class__ = type(f"Parametrized{base.__name__}", (base,), namespace)
     for tensor_name in module.parametrizations:  # type: ignore[union-attr]
         # The same property torch installs, bound to this instance (its cache key is the id).
-        parametrize._inject_property(module, tensor_name)
+        _compat.inject_property(module, tensor_name)
     _optim.track(module)
 
 

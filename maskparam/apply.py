@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from maskparam import _checks, _forward, _module_class, _transaction, taps
+from maskparam import _checks, _compat, _forward, _module_class, _transaction, taps
 from maskparam.parametrizations import BiasMask, FixedMask, channel_activity
 from maskparam.partial import DATA_BIAS_MODES
 
@@ -393,7 +393,7 @@ def _bias_mask_for(
             f"name={name!r}; use bias_mode='keep'."
         )
     if bias_mode in DATA_BIAS_MODES:
-        if not isinstance(module, nn.modules.conv._ConvNd) or module.transposed:
+        if not isinstance(module, _compat.ConvNd) or module.transposed:
             raise ValueError(
                 f"bias_mode={bias_mode!r} counts the valid input under each output position, "
                 f"which it does for Conv1d, Conv2d and Conv3d. Got {kind}; use "

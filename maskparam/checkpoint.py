@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from maskparam import _checks, _module_class
+from maskparam import _checks, _compat, _module_class, taps
 from maskparam.parametrizations import BiasMask, FixedMask
 
 __all__ = ["SAFE_GLOBALS", "bake_file", "bake_state_dict"]
@@ -37,9 +37,11 @@ SAFE_GLOBALS: tuple[Any, ...] = (
     BiasMask,
     parametrize.ParametrizationList,
     nn.ModuleDict,
+    *taps.SAFE_GLOBALS,
 )
 """What a pickled masked model needs from maskparam and parametrize to load with
-``weights_only=True``, on top of the model's own classes (its layers and containers)::
+``weights_only=True``, on top of the model's own classes (its layers and containers), for
+every ``bias_mode`` and ``execution``::
 
     allowed = [*maskparam.checkpoint.SAFE_GLOBALS, nn.Sequential, nn.Conv2d, nn.ReLU]
     with torch.serialization.safe_globals(allowed):
@@ -345,17 +347,15 @@ def _check_state_dict(
 
 def _unreadable(source: Path, err: BaseException, caller: str) -> str:
     """Why ``torch.load(weights_only=True)`` could not read ``source``, for a person."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:
-        if "Unsupported global" in line:
-            found = line.split(" was not an allowed global")[0].split("error: ")[-1]
-            return (
-                f"{caller} expects a checkpoint of tensors and plain containers, which "
-                "torch.load(weights_only=True) reads without running any code. Got "
-                f"{str(source)!r}, which holds other objects: {found}. A whole pickled model "
-                "is not a state_dict: load it (only if you trust it) and save "
-                "model.state_dict() instead."
-            )
+    found = _compat.unsupported_global(err)
+    if found is not None:
+        return (
+            f"{caller} expects a checkpoint of tensors and plain containers, which "
+            "torch.load(weights_only=True) reads without running any code. Got "
+            f"{str(source)!r}, which holds other objects: {found}. A whole pickled model "
+            "is not a state_dict: load it (only if you trust it) and save "
+            "model.state_dict() instead."
+        )
     return (
         f"{caller} expects a PyTorch checkpoint, a file that torch.save wrote. Got "
         f"{str(source)!r}, which is not one: torch.load(weights_only=True) cannot read it "

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from maskparam import _checks, _transaction, apply
+from maskparam import _checks, _compat, _transaction, apply
 from maskparam.apply import BiasMode, apply_mask, remove_mask
 from maskparam.parametrizations import BiasMask, FixedMask
 from maskparam.taps import EXECUTIONS, Execution
@@ -142,7 +142,7 @@ def apply_masks(
                 warnings.simplefilter("always")
                 apply_mask(module, mask, bias_mode=bias_mode, execution=execution)
             for warning in caught:  # Again, with the layer's name, which apply_mask lacks.
-                warnings.warn(f"{name!r}: {warning.message}", warning.category, stacklevel=2)
+                _checks.warn_at_caller(f"{name!r}: {warning.message}", warning.category)
     return [name for name, _, _ in plan]
 
 
@@ -519,7 +519,7 @@ def _describe(masks: object, include: object) -> str:
 def _summarise(name: str, module: nn.Module) -> LayerSummary:
     kernel: tuple[int, ...] | None = None
     active_taps = total_taps = None
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if isinstance(module, _compat.ConvNd):
         kernel = tuple(module.kernel_size)
         total_taps = 1
         for size in kernel:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from maskparam import _compat
 from maskparam._checks import as_bool_mask, layer_class
 
 __all__ = ["BiasMask", "FixedMask", "channel_activity"]
@@ -198,14 +199,14 @@ def channel_activity(module: nn.Module, weight_shape: Sequence[int], mask: Tenso
     """
     base = layer_class(module)
     full = mask.expand(tuple(weight_shape))
-    if issubclass(base, nn.modules.conv._ConvNd) and module.transposed:
+    if issubclass(base, _compat.ConvNd) and module.transposed:
         # ConvTranspose weight is (in, out // groups, *k); output channel g * (out // groups) + j
         # reads the in-channels of group g.
         groups: int = module.groups  # type: ignore[assignment]
         taps = math.prod(full.shape[2:])
         per_group = full.reshape(groups, full.shape[0] // groups, full.shape[1], taps)
         return per_group.any(dim=3).any(dim=1).reshape(-1)
-    if issubclass(base, (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)):
+    if issubclass(base, (_compat.ConvNd, nn.Linear, nn.Bilinear)):
         return full.flatten(1).any(dim=1)
     raise ValueError(
         "bias_mode='channel' needs to know which weight entries feed each output channel, "

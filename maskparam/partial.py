@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from maskparam import _checks, _forward
+from maskparam import _checks, _compat, _forward
 from maskparam.parametrizations import BiasMask, FixedMask
 
 __all__ = [
@@ -51,7 +51,7 @@ __all__ = [
 DATA_BIAS_MODES: tuple[str, ...] = ("valid", "partial")
 """The bias modes whose output depends on which input is valid."""
 
-_ConvNd = nn.modules.conv._ConvNd
+_ConvNd = _compat.ConvNd
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -236,6 +236,9 @@ def conv_forward(conv: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | 
     return _run(conv, input, weight, bias, mode, None, cache=True)[0]
 
 
+_forward.register(_forward.BIAS_MODE_ATTR, conv_forward)
+
+
 class _Coverage(NamedTuple):
     cov: Tensor  # coverage counted in weight entries
     total: Tensor  # |K| per output channel in weight entries, shaped to broadcast
@@ -258,7 +261,7 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary
 
 
 def _run(
-    conv: nn.modules.conv._ConvNd,
+    conv: _ConvNd,
     input: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -269,6 +272,12 @@ def _run(
 ) -> tuple[Tensor, Tensor]:
     x = input if validity is None else torch.where(validity, input, 0)
     raw = _conv_zero_padded(conv, x, weight, conv.groups)
+    if weight.shape[1] == 0:
+        # No input channel, so no valid input: the output is what the plain conv gives
+        # (torch gives an empty one), and no output position is valid.
+        return raw, torch.zeros(
+            (raw.shape[0], 1, *raw.shape[2:]), dtype=torch.bool, device=raw.device
+        )
     maps = _maps(conv, weight.shape, input.shape[2:], validity, raw, mode, cache)
     shape = (1, -1) + (1,) * (raw.dim() - 2)
     if mode == "partial":
@@ -285,7 +294,7 @@ def _run(
 
 
 def _maps(
-    conv: nn.modules.conv._ConvNd,
+    conv: _ConvNd,
     weight_shape: torch.Size,
     spatial: torch.Size,
     validity: Tensor | None,
@@ -298,7 +307,7 @@ def _maps(
     use_cache = cache and validity is None and not torch.compiler.is_compiling()
     if use_cache:
         key = (
-            None if mask is None else mask._version,
+            None if mask is None else _compat.tensor_version(mask),
             tuple(spatial),
             raw.dtype,
             raw.device,
@@ -329,7 +338,7 @@ def _maps(
 
 
 def _coverage(
-    conv: nn.modules.conv._ConvNd,
+    conv: _ConvNd,
     mask: Tensor | None,
     weight_shape: torch.Size,
     validity: Tensor | None,
@@ -370,9 +379,7 @@ def _coverage(
     return _Coverage(cov, total.view((1, -1) + (1,) * (cov.dim() - 2)))
 
 
-def _conv_zero_padded(
-    conv: nn.modules.conv._ConvNd, input: Tensor, weight: Tensor, groups: int
-) -> Tensor:
+def _conv_zero_padded(conv: _ConvNd, input: Tensor, weight: Tensor, groups: int) -> Tensor:
     """The conv's geometry without bias, padding with zeros whatever its ``padding_mode``.
 
     Padding is invalid input, so reflected, replicated or wrapped values must not count.
@@ -380,7 +387,7 @@ def _conv_zero_padded(
     fn = _CONV[len(conv.kernel_size)]
     if conv.padding_mode == "zeros":
         return fn(input, weight, None, conv.stride, conv.padding, conv.dilation, groups)
-    padded = F.pad(input, conv._reversed_padding_repeated_twice)
+    padded = F.pad(input, _compat.reversed_padding(conv))
     return fn(padded, weight, None, conv.stride, 0, conv.dilation, groups)
 
 
@@ -395,7 +402,7 @@ def _mask_of(conv: nn.Module) -> Tensor | None:
     return None
 
 
-def _weight_of(conv: nn.modules.conv._ConvNd) -> Tensor:
+def _weight_of(conv: _ConvNd) -> Tensor:
     """The weight as the conv uses it (any parametrization applied), for its shape and device."""
     with torch.no_grad():
         weight: Tensor = conv.weight
@@ -414,7 +421,7 @@ def _takes_validity(layer: nn.Module) -> bool:
     )
 
 
-def _conv_with_mode(module: object, caller: str) -> tuple[nn.modules.conv._ConvNd, str]:
+def _conv_with_mode(module: object, caller: str) -> tuple[_ConvNd, str]:
     _checks.check_module(module, caller)
     mode = module.__dict__.get(_forward.BIAS_MODE_ATTR)
     if not isinstance(module, _ConvNd) or mode not in DATA_BIAS_MODES:
@@ -427,9 +434,7 @@ def _conv_with_mode(module: object, caller: str) -> tuple[nn.modules.conv._ConvN
     return module, mode
 
 
-def _check_validity(
-    conv: nn.modules.conv._ConvNd, validity: object, caller: str, input: Tensor | None
-) -> None:
+def _check_validity(conv: _ConvNd, validity: object, caller: str, input: Tensor | None) -> None:
     """Raise unless ``validity`` is a bool tensor that fits ``conv`` (and ``input``)."""
     if not isinstance(validity, Tensor) or validity.dtype != torch.bool:
         got = (

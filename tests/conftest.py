@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from maskparam import taps
+from maskparam.taps import paths
 
 settings.register_profile(
     "dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -64,11 +64,11 @@ def _fresh_dynamo() -> Iterator[None]:
 def box_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the calls of the boxes path, so a test knows it did not fall back to dense."""
     calls: list[int] = []
-    real = taps.run_boxes
+    real = paths.run_boxes
 
     def counted(*args: object) -> torch.Tensor:
-        calls.append(len(args[-1]))  # type: ignore[arg-type]
+        calls.append(len(args[4]))  # type: ignore[arg-type]
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(taps, "run_boxes", counted)
+    monkeypatch.setattr(paths, "run_boxes", counted)
     return calls

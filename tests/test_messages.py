@@ -54,11 +54,6 @@ def test_apply_mask_all_zero_warning_names_the_own_class() -> None:
         apply_mask(_bias_masked(), torch.zeros(3, 3, 3))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="taps.prepare builds 'not {kind}' from type(module).__name__; taps.py is being "
-    "restructured by another engineer, so the fix is left there",
-)
 def test_taps_fallback_names_the_own_class() -> None:
     conv = apply_mask(nn.ConvTranspose3d(1, 2, 3), torch.tensor([1, 0]), name="bias")
     with pytest.warns(UserWarning, match=r"not ConvTranspose3d\.$"):

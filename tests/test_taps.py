@@ -15,9 +15,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from maskparam import _forward, _tap_kernel, taps
-from maskparam._taps_kernels import Scratch
 from maskparam.apply import apply_mask, remove_mask, set_mask
-from maskparam.taps import Box, TapExecution, decompose, spatial_support
+from maskparam.taps import Box, TapExecution, decompose, memory, paths, plan, spatial_support
+from maskparam.taps import auto as auto_module
+from maskparam.taps import boxes as boxes_module
+from maskparam.taps.memory import Scratch
 from tests.strategies import (
     ConvCase,
     bool_masks,
@@ -160,7 +162,7 @@ def test_decompose_empty_and_too_many() -> None:
 
 
 def test_decompose_gives_up_on_irregular_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(taps, "_SEARCH_BUDGET", 50)
+    monkeypatch.setattr(boxes_module, "_SEARCH_BUDGET", 50)
     mask = torch.rand(5, 5, 5, generator=torch.Generator().manual_seed(0)) < 0.5
     assert decompose(mask) is None
 
@@ -202,7 +204,7 @@ def test_dense_channels_last_path_matches_dense(case: ConvCase) -> None:
     out = layer(x)
     grad = torch.randn_like(out)
     expected = torch.autograd.grad(out, [x, *layer.parameters()], grad)
-    out_cl = taps._run("dense_cl", layer, x, layer.weight, layer.bias, ())
+    out_cl = paths.run("dense_cl", layer, x, layer.weight, layer.bias, ())
     got = torch.autograd.grad(out_cl, [x, *layer.parameters()], grad)
     torch.testing.assert_close(out_cl, out, rtol=1e-10, atol=1e-10)
     assert out_cl.is_contiguous()
@@ -374,7 +376,7 @@ def test_3d_boxes_run_as_2d_convolutions_of_views() -> None:
     layer = nn.Conv3d(2, 3, 5, padding=2)
     apply_mask(layer, ball(2), execution="taps")
     boxes = layer.__dict__[_forward.EXECUTION_ATTR].boxes
-    layout = taps._layout(boxes, taps._geometry(layer, False), (6, 7, 8), (5, 5, 5), False)
+    layout = plan.box_plan(boxes, plan.geometry(layer, False), (6, 7, 8), (5, 5, 5), False)
     assert [step.fold and step.fold.kind for step in layout.steps] == [
         None,
         "plane",
@@ -457,9 +459,9 @@ def test_without_the_conv_library() -> None:
 def test_empty_cache_frees_the_kept_buffers() -> None:
     _, tapped = twins(nn.Conv3d(16, 16, 3, padding=1), cross3d(), "taps")
     tapped(torch.randn(1, 16, 6, 6, 6)).sum().backward()  # contiguous: takes scratch buffers
-    assert taps.SCRATCH._free
+    assert memory.SCRATCH._free
     taps.empty_cache()
-    assert not taps.SCRATCH._free
+    assert not memory.SCRATCH._free
 
 
 def test_scratch_buffers_are_never_shared_and_kept_bounded() -> None:
@@ -624,7 +626,7 @@ def test_torch_compile_sees_a_new_mask_from_set_mask_or_load_state_dict() -> Non
 @pytest.fixture
 def fake_timer(monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, float]], list[object]]:
     """Replace the timing with fixed seconds per path; returns the list of calls made."""
-    monkeypatch.setattr(taps, "_DECISIONS", {})
+    monkeypatch.setattr(auto_module, "_DECISIONS", {})
 
     def install(seconds: dict[str, float]) -> list[object]:
         calls: list[object] = []
@@ -633,7 +635,7 @@ def fake_timer(monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, float]], 
             calls.append((tuple(candidates), args[-1]))
             return {c: seconds[c] for c in candidates}
 
-        monkeypatch.setattr(taps, "_measure", measure)
+        monkeypatch.setattr(auto_module, "measure", measure)
         return calls
 
     return install
@@ -657,7 +659,7 @@ def test_auto_picks_the_fastest_only_when_clearly_faster(
     dense, auto = twins(nn.Conv3d(2, 3, 3, padding=1), cross3d(), "auto")
     x = torch.randn(1, 2, 4, 4, 4)
     assert_same(run(dense, x), run(auto, x), rtol=1e-5, atol=1e-5)
-    assert list(taps._DECISIONS.values()) == [expected]
+    assert list(auto_module._DECISIONS.values()) == [expected]
     assert calls == [(("dense", "dense_cl", "taps"), True)]
 
 
@@ -687,7 +689,7 @@ def test_auto_skips_taps_for_dense_masks(
     conv = apply_mask(nn.Conv1d(2, 3, 5), torch.tensor([1, 1, 1, 1, 0]), execution="auto")
     conv(torch.randn(1, 2, 9))
     assert calls == []  # 1-D has no channels-last layout, and 4/5 taps are too many
-    assert list(taps._DECISIONS.values()) == ["dense"]
+    assert list(auto_module._DECISIONS.values()) == ["dense"]
 
 
 def test_auto_real_measurement_leaves_gradients_alone() -> None:

@@ -23,13 +23,6 @@ FALLBACK = "execution='taps' falls back to the dense convolution"
 # Too fragmented for boxes (more than taps.MAX_BOXES), so only the tap kernel could take it.
 FRAGMENTED = masks.random((15, 15), 0.5, generator=torch.Generator().manual_seed(0))
 
-TAPS_FALLBACK_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="taps._warn_fallback uses stacklevel=4, which lands in apply.py (apply_mask calls "
-    "_prepare, which calls taps.prepare): one level short. taps.py is being restructured "
-    "by another engineer; fix it there (stacklevel=5 from apply_mask, or count the frames)",
-)
-
 
 def _only(record: pytest.WarningsRecorder) -> warnings.WarningMessage:
     assert len(record) == 1, [str(w.message) for w in record]
@@ -63,21 +56,18 @@ def test_apply_masks_taps_fallback_points_at_the_caller() -> None:
     assert _only(rec).filename == HERE
 
 
-@TAPS_FALLBACK_XFAIL
 def test_apply_mask_taps_fallback_for_conv_transpose_points_at_the_caller() -> None:
     with pytest.warns(UserWarning, match=f"{FALLBACK} for this ConvTranspose2d") as record:
         apply_mask(nn.ConvTranspose2d(1, 1, 3), PLUS, execution="taps")
     assert _only(record).filename == HERE
 
 
-@TAPS_FALLBACK_XFAIL
 def test_apply_mask_taps_fallback_for_a_data_dependent_bias_points_at_the_caller() -> None:
     with pytest.warns(UserWarning, match=f"{FALLBACK}.*bias_mode='valid'") as record:
         apply_mask(nn.Conv2d(1, 1, 3), PLUS, bias_mode="valid", execution="taps")
     assert _only(record).filename == HERE
 
 
-@TAPS_FALLBACK_XFAIL
 def test_apply_mask_taps_fallback_for_a_fragmented_mask_points_at_the_caller() -> None:
     conv = nn.Conv2d(1, 1, 15).double()  # float64: the tap kernel runs float32 only
     with pytest.warns(UserWarning, match=f"{FALLBACK}.*more than 32 boxes") as record:
@@ -92,14 +82,6 @@ def test_set_mask_taps_fallback_for_a_fragmented_mask_points_at_the_caller() -> 
     assert _only(record).filename == HERE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the forward-time fallback (taps.TapExecution.forward -> _warn_fallback, default "
-    "stacklevel=4) lands in torch/nn/modules/conv.py: the frames between the caller and the "
-    "warning go through nn.Module.__call__, so a fixed stacklevel cannot reach the caller; "
-    "taps.py (being restructured) should count frames up to the first one outside maskparam "
-    "and torch",
-)
 def test_forward_taps_fallback_points_at_the_caller() -> None:
     class Double(nn.Module):
         def forward(self, weight: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,141 @@
+"""The ways one masked conv runs. Each computes the dense convolution, up to rounding.
+
+- ``"dense"``: the layer's own convolution.
+- ``"dense_cl"``: the same, in channels-last layout (``execution="auto"`` may pick it).
+- ``"kernel"``: the compiled tap kernel (:mod:`maskparam._tap_kernel`), in eager mode.
+- ``"kernel_op"``: the same kernel as the custom op ``maskparam::tap_conv``, under
+  :func:`torch.compile`.
+- ``"fused"``: the boxes on the CPU with a hand-written backward (:mod:`.fused`).
+- ``"reference"``: the boxes as ordinary torch operations (:mod:`.reference`).
+
+:func:`maskparam.taps.choose.choose` says which one a call takes; this module only runs them.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskparam import _compat, _tap_kernel
+from maskparam.taps.boxes import Box
+from maskparam.taps.choose import box_path
+from maskparam.taps.fused import FusedBoxes
+from maskparam.taps.memory import is_channels_last, relayout
+from maskparam.taps.plan import active_taps, box_plan, geometry, lift
+from maskparam.taps.reference import run_reference
+
+__all__ = ["BOX_PATHS", "PATHS", "dense", "run", "run_boxes"]
+
+PATHS = ("dense", "dense_cl", "kernel", "kernel_op", "fused", "reference")
+BOX_PATHS = ("kernel", "kernel_op", "fused", "reference")
+"""The paths that compute only the active taps."""
+
+
+def dense(module: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The layer's own convolution, as if maskparam did not change its forward."""
+    base = cast(type[nn.Module], type(module)._maskparam_base)  # type: ignore[attr-defined]
+    return _compat.dense_conv_forward(base, module, input, weight, bias)
+
+
+def run(
+    path: str,
+    module: _compat.ConvNd,
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    boxes: tuple[Box, ...],
+) -> Tensor:
+    """Run ``path`` (one of :data:`PATHS`); ``boxes`` matter only to the box paths."""
+    if path == "dense":
+        return dense(module, input, weight, bias)
+    if path == "dense_cl":
+        out_cl = is_channels_last(input) or is_channels_last(weight)
+        y = dense(module, relayout(input, True), weight, bias)
+        return relayout(y, out_cl)
+    device = input.device.type
+    if torch.is_autocast_enabled(device):
+        # As autocast runs a dense conv: in its lower precision, whatever the path inside.
+        dtype = torch.get_autocast_dtype(device)
+
+        def cast_(t: Tensor) -> Tensor:
+            return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+        with torch.autocast(device, enabled=False):
+            b = None if bias is None else cast_(bias)
+            return run_boxes(module, cast_(input), cast_(weight), b, boxes, path)
+    return run_boxes(module, input, weight, bias, boxes, path)
+
+
+def run_boxes(
+    module: _compat.ConvNd,
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    boxes: tuple[Box, ...],
+    path: str | None = None,
+) -> Tensor:
+    """The conv of ``module`` on ``input``, computed box by box.
+
+    ``weight`` must be zero outside the boxes; the result is then the dense convolution.
+
+    Args:
+        module: A Conv1d/2d/3d: its stride, padding, dilation, groups and padding mode.
+        input: ``(N, C_in, *spatial)`` or unbatched ``(C_in, *spatial)``.
+        weight: The masked weight.
+        bias: The bias or None.
+        boxes: From :func:`~maskparam.taps.decompose` of the weight's active taps, at least
+            one.
+        path: ``"kernel"``, ``"kernel_op"``, ``"fused"`` or ``"reference"``; by default
+            the one the rules of :data:`~maskparam.taps.choose.RULES` pick for this call.
+
+    Returns:
+        The output, in the layout the dense convolution gives.
+
+    Example:
+        >>> from maskparam.taps import decompose
+        >>> conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+        >>> plus = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.bool)
+        >>> weight = torch.where(plus, torch.ones(1, 1, 3, 3), 0)
+        >>> x = torch.arange(9.0).view(1, 1, 3, 3)
+        >>> run_boxes(conv, x, weight, None, decompose(plus))
+        tensor([[[[ 4.,  7.,  8.],
+                  [13., 20., 19.],
+                  [16., 25., 20.]]]])
+        >>> torch.equal(_, F.conv2d(x, weight, padding=1))
+        True
+    """
+    if path is None:
+        path = box_path(module, input, weight, bias, boxes)
+    unbatched = input.dim() == len(module.kernel_size) + 1
+    one_d = len(module.kernel_size) == 1
+    x, w = lift(input, weight)
+    if module.padding_mode != "zeros":
+        pad = _compat.reversed_padding(module)
+        x = F.pad(x, [*pad, 0, 0] if one_d else pad, mode=module.padding_mode)
+    # The layout the dense convolution gives: it sees the input after a padding mode's pad.
+    out_cl = not one_d and (is_channels_last(x) or is_channels_last(weight))
+    # Under torch.compile the plain functions: tracing needs no cache, and warns about one.
+    compiling = torch.compiler.is_compiling()
+    plan_of = box_plan.__wrapped__ if compiling else box_plan
+    geo = geometry(module, one_d)
+    plan = plan_of(boxes, geo, tuple(x.shape[2:]), tuple(w.shape[2:]), one_d)
+    if path in ("kernel", "kernel_op"):
+        taps = (active_taps.__wrapped__ if compiling else active_taps)(boxes, one_d)
+        table = _tap_kernel.tap_table.__wrapped__ if compiling else _tap_kernel.tap_table
+        offsets, index = table(taps, tuple(w.shape[2:]), geo.dilation, geo.pad_left)
+        if path == "kernel_op":  # a custom op that torch.compile traces as one node
+            y = _tap_kernel.compiled_conv(x, w, bias, offsets, index, plan.out_size)
+        else:
+            y = _tap_kernel.TapKernel.apply(  # type: ignore[no-untyped-call]
+                x, w, bias, offsets, index, plan.out_size, (plan, out_cl, run_reference)
+            )
+    elif path == "fused":
+        y = FusedBoxes.apply(x, w, bias, plan, out_cl, run_reference)  # type: ignore[no-untyped-call]
+    else:
+        y = run_reference(x, w, bias, plan, out_cl)
+    if one_d:
+        y = y.squeeze(2)
+    return y.squeeze(0) if unbatched else y
