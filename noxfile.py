@@ -55,7 +55,6 @@ def integration(session: nox.Session) -> None:
     # tests/integration is collected only with this set (tests/integration/conftest.py),
     # so the tests session never needs these packages.
     session.env["MASKPARAM_INTEGRATION"] = "1"
-    session.env.setdefault("HYPOTHESIS_PROFILE", os.environ.get("HYPOTHESIS_PROFILE", "ci"))
     session.run("pytest", "tests/integration", *session.posargs)
 
 
