@@ -83,8 +83,8 @@ def masked_eval(arch: Architecture, **options: str) -> nn.Module:
 def assert_masked_zeros_in(proto: onnx.ModelProto, arch: Architecture) -> None:
     """Each masked layer is a conv whose weight is a constant, zero at the masked taps.
 
-    Layers are matched by their zeros, not by order or values: the TorchScript-based
-    exporter folds batch norm into the conv weights, which scales each output channel.
+    Layers are matched by their zeros, not by order or values: an exporter or onnxruntime
+    may fold batch norm into the conv weights, which scales each output channel.
     """
     weights = conv_weights(proto)
     assert all(w is not None for w in weights), "a conv weight is computed at run time"
@@ -162,7 +162,7 @@ def test_export_bias_mode(bias_mode: str, dynamo: bool, tmp_path: Path) -> None:
     with torch.no_grad():
         expected = model(x)
     proto = export(model, x, tmp_path / f"{bias_mode}.onnx", dynamo=dynamo)
-    assert op_types(proto).count("Conv") == 2
+    assert op_types(proto).count("Conv") >= 2  # the TorchScript one may add the validity's
     out, _ = run(tmp_path / f"{bias_mode}.onnx", x)
     torch.testing.assert_close(out, expected, **TOLERANCE)
     with torch.no_grad():  # what makes the mode matter: a plain conv would add the bias
