@@ -31,6 +31,33 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs)
 
 
+# The integration session's stack, pinned so that a new release of any of them changes CI
+# only when this list changes. torchvision's wheels are built against one torch release, so
+# the session brings its own torch, whatever MASKPARAM_TORCH says.
+INTEGRATION = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "timm==1.0.31",
+    "monai==1.6.1",
+    "onnx==1.23.2",
+    "onnx-ir==1.1.0",
+    "onnxruntime==1.32.0",
+    "onnxscript==0.7.2",
+]
+
+
+@nox.session
+def integration(session: nox.Session) -> None:
+    """Mask torchvision, timm and MONAI models and export them to ONNX (tests/integration)."""
+    test = nox.project.dependency_groups(PYPROJECT, "test")
+    session.install(*INTEGRATION, *test)
+    session.install("-e", ".")
+    # tests/integration is collected only with this set (tests/integration/conftest.py),
+    # so the tests session never needs these packages.
+    session.env["MASKPARAM_INTEGRATION"] = "1"
+    session.run("pytest", "tests/integration", *session.posargs)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """Check style and formatting with ruff."""

@@ -157,8 +157,7 @@ def test_unsupported_global() -> None:
 def test_local_shard() -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-    from torch.distributed.tensor import _utils
+    from torch.distributed.tensor import Shard, _utils, distribute_tensor
 
     assert callable(getattr(_utils, "compute_local_shape_and_global_offset", None)), (
         "local_shard: torch removed compute_local_shape_and_global_offset"
