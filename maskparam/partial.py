@@ -304,7 +304,9 @@ def _maps(
 ) -> _Maps:
     mask = _mask_of(conv)
     key: tuple[Any, ...] = ()
-    use_cache = cache and validity is None and not torch.compiler.is_compiling()
+    # A trace records what runs: computed maps keep the traced graph the same on every call.
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    use_cache = cache and validity is None and not tracing
     if use_cache:
         key = (
             None if mask is None else _compat.tensor_version(mask),

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
-from maskparam import _forward, partial
+from maskparam import _forward, masks, partial
 from maskparam.apply import apply_mask, get_mask, is_masked, remove_mask, set_mask
 from maskparam.partial import PartialSequential, coverage, partial_conv
 from tests.strategies import conv_cases, masks_for, validities
@@ -708,3 +708,17 @@ def test_exception_partial_sequential() -> None:
     )
     with pytest.raises(ValueError, match=r"Layer 1 \(MaxPool2d\) turned"):
         pooled(x)
+
+
+@pytest.mark.parametrize("bias_mode", ["valid", "partial"])
+def test_jit_trace_records_the_validity_maps(bias_mode: str) -> None:
+    conv = apply_mask(
+        nn.Conv2d(1, 2, 3, padding=1), masks.causal(3, ndim=2, kind="A"), bias_mode=bias_mode
+    )  # type: ignore[arg-type]
+    x = torch.randn(1, 1, 8, 8)
+    conv(x)  # eager caches the maps of this shape; the trace must not depend on that
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(conv, (x,))
+    torch.testing.assert_close(traced(x), conv(x))
+    torch.testing.assert_close(traced(2 * x), conv(2 * x))
