@@ -123,7 +123,9 @@ class _Held:
                 split, self.dim = last, 0
                 picked = off.reshape(off.shape[:last]).expand(stored.shape[:last])
         if self.dim is not None:
-            self.view = stored.view(math.prod(stored.shape[:split]), -1)
+            self.view = stored.view(
+                math.prod(stored.shape[:split]), math.prod(stored.shape[split:])
+            )
             self.index = picked.reshape(-1).nonzero().squeeze(1)
             self.values = self.view.index_select(self.dim, self.index)
         else:  # a mask per element: an index would take twice the values' memory

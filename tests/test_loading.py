@@ -301,3 +301,24 @@ def test_zero_input_channels_work_where_the_plain_conv_does(
     out = conv(x)
     assert out.shape == expected.shape
     assert torch.isfinite(out).all()
+
+
+def test_legacy_pickle_with_hidden_values_gives_them_back(tmp_path: object) -> None:
+    # maskparam 0.1 pickled FixedMask.hidden: the values the mask hid, zero at kept taps,
+    # while the original had drifted there.
+    import io
+
+    conv = apply_mask(nn.Conv2d(1, 2, 3), PLUS)
+    pretrained = torch.randn(2, 1, 3, 3)
+    with torch.no_grad():
+        conv.parametrizations.weight.original.copy_(torch.where(PLUS, pretrained, 0.5))
+    fixed = conv.parametrizations.weight[0]
+    fixed.__dict__["hidden"] = torch.where(PLUS, 0, pretrained)
+    buffer = io.BytesIO()
+    torch.save(conv, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert "hidden" not in vars(loaded.parametrizations.weight[0])
+    assert torch.equal(loaded.parametrizations.weight.original, pretrained)
+    remove_mask(loaded, bake=False)
+    assert torch.equal(loaded.weight.detach(), pretrained)

@@ -198,3 +198,11 @@ def test_held_values_come_back_for_any_mask_shape(
     full = off.expand(stored.shape)
     assert torch.equal(stored[full], before[full])
     assert torch.equal(stored[~full], before[~full] + 1.0)
+
+
+def test_held_values_of_an_empty_shard() -> None:
+    # FSDP2 gives a rank no rows of a small layer: the hold must not trip over it.
+    for stored in (torch.randn(0, 4, 3, 3), torch.randn(2, 0, 3, 3)):
+        held = _optim._Held(stored, ~PLUS)
+        held.put_back()
+        assert held.values.numel() == 0
