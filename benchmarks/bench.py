@@ -17,8 +17,17 @@ Sections:
    (``maskparam.taps.kernel_status()``); where it does not, taps runs the boxes.
    Peak memory is the most tensor memory held at once during one forward+backward, beyond
    the inputs (CUDA: the caching allocator's peak; CPU: the profiler's allocation events).
+   The "random" cases have arbitrary tap sets (seeded), which the tap kernel takes as they
+   are. The GF/s column is the useful work of taps (2 flops per active tap, input channel,
+   output channel and output position, for the forward, input and weight gradients) per
+   second, and "%peak" its fraction of this machine's FMA peak, measured first by a small
+   probe: independent FMA chains on every thread, built for the tap kernel's instruction set.
 3. ``apply_masks`` and baking (``remove_masks(bake=True)``) on a ResNet-50-sized network
    with 53 convolutions, against one forward pass of that network at batch 1.
+
+``--isa avx2`` measures as on a CPU with AVX2 but no AVX-512: it runs the tap kernel built for
+AVX2 (``MASKPARAM_TAP_ISA=avx2``) and caps oneDNN, which runs dense, at AVX2
+(``ONEDNN_MAX_CPU_ISA=AVX2``, read when torch loads: the script starts itself again with it).
 """
 
 from __future__ import annotations
@@ -26,9 +35,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,9 +54,9 @@ from torch.nn.utils import parametrize, prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maskparam._taps_kernels import SCRATCH
+from maskparam import _tap_kernel
 from maskparam.apply import apply_mask, remove_mask
-from maskparam.taps import kernel_status
+from maskparam.taps import empty_cache, kernel_status
 
 Fn = Callable[[], object]
 
@@ -68,6 +80,16 @@ def causal_type_a(k: int) -> Tensor:
     """PixelCNN mask A: the taps strictly before the centre in raster order (24 of 49)."""
     flat = torch.arange(k * k).reshape(k, k)
     return flat < (k * k) // 2
+
+
+def random_taps(kernel: tuple[int, ...], active: int, seed: int) -> Tensor:
+    """``active`` taps of ``kernel`` drawn at random (seeded): an arbitrary tap set."""
+    order = torch.randperm(
+        torch.Size(kernel).numel(), generator=torch.Generator().manual_seed(seed)
+    )
+    mask = torch.zeros(torch.Size(kernel).numel(), dtype=torch.bool)
+    mask[order[:active]] = True
+    return mask.reshape(kernel)
 
 
 def spaced_1d(k: int, active: int) -> Tensor:
@@ -159,7 +181,7 @@ def peak_bytes(fn: Fn, device: torch.device) -> int:
     fn()  # warm: first-call allocations are not the steady state
     # The taps path keeps its scratch buffers from call to call: empty them, so that the
     # measured call allocates, and counts, the ones it uses.
-    SCRATCH.clear()
+    empty_cache()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -263,7 +285,67 @@ TAP_CASES = [
     Case("causal 7x7 A", 2, 16, 3, 64, 128, causal_type_a(7)),
     Case("causal 7x7 A", 2, 32, 64, 64, 56, causal_type_a(7), quick=True),
     Case("1d 3 of 9 taps", 1, 64, 128, 128, 1024, spaced_1d(9, 3), quick=True),
+    Case("3d random 7 of 3x3x3", 3, 4, 16, 32, 32, random_taps((3, 3, 3), 7, 0), quick=True),
+    Case("3d random 20 of 5x5x5", 3, 4, 16, 32, 32, random_taps((5, 5, 5), 20, 1)),
+    Case("2d random 12 of 7x7", 2, 16, 32, 64, 64, random_taps((7, 7), 12, 2), quick=True),
+    Case("2d random 4 of 5x5", 2, 32, 64, 64, 56, random_taps((5, 5), 4, 3)),
 ]
+
+
+# -- the machine's FMA peak ---------------------------------------------------------------
+
+PROBE = r"""
+#include <stdint.h>
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+#define CHAINS 12 /* independent FMA chains: more than latency times ports on these CPUs */
+double fma_probe(int64_t iters, int nthreads) {
+    double total = 0.0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+    {
+        vf a[CHAINS], b = (vf){0} + 0.999999f, c = (vf){0} + 1e-7f;
+        for (int i = 0; i < CHAINS; i++) a[i] = (vf){0} + 1e-3f * (float)i;
+        for (int64_t it = 0; it < iters; it++)
+#pragma GCC unroll 12
+            for (int i = 0; i < CHAINS; i++) a[i] = a[i] * b + c;
+        for (int i = 0; i < CHAINS; i++)
+            for (int l = 0; l < LANES; l++) total += a[i][l];
+    }
+    return total;
+}
+"""
+
+
+def fma_peak(threads: int) -> tuple[float, str] | None:
+    """GFLOP/s of FMAs on ``threads`` threads, in the tap kernel's ISA, best of a few runs."""
+    isa = _tap_kernel.isa()
+    if isa is None:
+        return None
+    lanes = _tap_kernel.sizes()["lanes"]
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib_path = Path(tmp) / "probe.c", Path(tmp) / "probe.so"
+        src.write_text(PROBE)
+        flags = [*_tap_kernel.FLAGS, *_tap_kernel.ISAS[isa][1], f"-DLANES={lanes}"]
+        subprocess.run([compiler, *flags, "-o", str(lib_path), str(src)], check=True)
+        lib = ctypes.CDLL(str(lib_path))
+    lib.fma_probe.argtypes = [ctypes.c_int64, ctypes.c_int]
+    lib.fma_probe.restype = ctypes.c_double
+    iters = 2_000_000
+    best = float("inf")
+    for _ in range(7):
+        begin = time.perf_counter()
+        lib.fma_probe(iters, threads)
+        best = min(best, time.perf_counter() - begin)
+    flops = 2 * lanes * 12 * iters * threads
+    return flops / best / 1e9, isa
+
+
+def useful_flops(case: Case) -> float:
+    """Flops of the active taps in one forward+backward: forward, input and weight gradients."""
+    positions = case.batch * case.size**case.ndim
+    return 3 * 2 * positions * case.c_in * case.c_out * int(case.mask.sum())
 
 
 # -- sections -------------------------------------------------------------------------------
@@ -312,7 +394,12 @@ def section_overhead(cases: list[Case], rounds: int, device: torch.device, timer
 
 
 def section_taps(
-    cases: list[Case], rounds: int, device: torch.device, timer: Timer, memory: bool
+    cases: list[Case],
+    rounds: int,
+    device: torch.device,
+    timer: Timer,
+    memory: bool,
+    peak: float | None,
 ) -> None:
     print(
         "\n== 2. Active taps, forward+backward: times in ms, ratios per round "
@@ -321,7 +408,7 @@ def section_taps(
     header = (
         f"{'case':42s} {'active':>7s} {'dense':>8s} {'dense_cl':>8s} {'taps':>8s} "
         f"{'taps/dense':17s} {'taps/dense_cl':17s} {'taps_cl/dense_cl':17s} "
-        f"{'auto/dense':17s} {'auto->':>8s}"
+        f"{'auto/dense':17s} {'auto->':>8s} {'GF/s':>6s} {'%peak':>5s}"
     )
     if memory:
         header += f" {'mem taps/dense':>14s}"
@@ -354,6 +441,8 @@ def section_taps(
             f"{ratio(times, 'taps_cl', 'dense_cl') if has_cl else na:17s} "
             f"{ratio(times, 'auto', 'dense'):17s} {chosen:>8s}"
         )
+        gflops = useful_flops(case) / statistics.median(times["taps"]) / 1e9
+        line += f" {gflops:6.1f} {f'{100 * gflops / peak:4.0f}%' if peak else '  n/a':>5s}"
         if memory:
             mem_dense = peak_bytes(fns["dense"], device)
             mem_taps = peak_bytes(fns["taps"], device)
@@ -472,7 +561,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory column")
+    parser.add_argument(
+        "--isa",
+        choices=["native", "avx2", "avx512"],
+        default="native",
+        help="the tap kernel's instruction set; avx2 also caps oneDNN (dense) at AVX2",
+    )
     args = parser.parse_args(argv)
+    if args.isa != "native" and os.environ.get("MASKPARAM_TAP_ISA") != args.isa:
+        # oneDNN reads its cap when torch loads: start again with the environment set.
+        env = {**os.environ, "MASKPARAM_TAP_ISA": args.isa}
+        if args.isa == "avx2":
+            env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+        sys.stdout.flush()
+        given = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *given], env)
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -488,12 +591,23 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"maskparam benchmarks: torch {torch.__version__}, {name}, "
         f"torch.get_num_threads()={torch.get_num_threads()}, rounds={rounds}, "
-        f"tap kernel: {kernel_status()}"
+        f"tap kernel: {kernel_status()}, "
+        f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(unset)')}"
     )
+    peak = None
+    if "2" in sections and device.type == "cpu":
+        probed = fma_peak(torch.get_num_threads())
+        if probed is not None:
+            peak = probed[0]
+            print(
+                f"FMA peak probe: {peak:.0f} GFLOP/s on {torch.get_num_threads()} threads "
+                f"({probed[1]}, best of 7)"
+            )
     if "1" in sections:
         section_overhead(pick(OVERHEAD_CASES), rounds, device, timer)
     if "2" in sections:
-        section_taps(pick(TAP_CASES), rounds, device, timer, not (args.quick or args.no_memory))
+        memory = not (args.quick or args.no_memory)
+        section_taps(pick(TAP_CASES), rounds, device, timer, memory, peak)
     if "3" in sections:
         section_model(rounds, device, timer)
 
