@@ -39,7 +39,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ISAS", "TapKernel", "applies", "clear", "library", "status"]
+__all__ = [
+    "FLAGS",
+    "ISAS",
+    "Geometry",
+    "TapKernel",
+    "applies",
+    "cache_path",
+    "clear",
+    "isa",
+    "library",
+    "sizes",
+    "status",
+    "weight_grad_variant",
+]
 
 SOURCE = Path(__file__).with_name("_tapconv.c")
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast")
@@ -62,7 +75,7 @@ _OFF = ("0", "false", "no", "off")
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 """"lib": the loaded library or None; "why": the reason if None; "isa": its instruction set;
-"note": how it was found, where that is worth saying; "out_block": its output-channel block."""
+"note": how it was found, where that is worth saying."""
 _warned: set[str] = set()  # environment values warned about once
 
 
@@ -114,8 +127,8 @@ class _Unavailable(Exception):
     pass
 
 
-class _Unwritable(Exception):
-    pass
+class _Unwritable(_Unavailable):
+    """A folder the library cannot be written to: the cache folder's is worked around."""
 
 
 def _warn_once(message: str) -> None:

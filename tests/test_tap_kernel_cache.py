@@ -346,6 +346,18 @@ def test_a_read_only_folder_is_not_written(cache: Path, monkeypatch: pytest.Monk
 
 
 @needs_kernel
+def test_exception_no_folder_can_be_written(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> tuple[int, str]:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(_tap_kernel.tempfile, "mkstemp", refuse)
+    assert _tap_kernel.library() is None
+    assert _tap_kernel.status().endswith("cannot be written (Permission denied)")
+    layer = apply_mask(nn.Conv3d(2, 4, 3, padding=1), cross3d(), execution="taps")
+    assert layer(torch.randn(1, 2, 4, 4, 4)).shape == (1, 4, 4, 4, 4)
+
+
+@needs_kernel
 def test_exception_a_compiler_that_builds_a_library_without_the_kernel(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
