@@ -424,7 +424,9 @@ def section_taps(
     timer: Timer,
     memory: bool,
     probe: tuple[Fn, float] | None,
+    brief: bool = False,
 ) -> None:
+    """Time the variants of each case; ``brief``: dense and taps only (n/a for the rest)."""
     print(
         "\n== 2. Active taps, forward+backward: times in ms, ratios per round "
         "(cf: contiguous input and gradient; cl: channels-last)"
@@ -443,14 +445,12 @@ def section_taps(
         auto = apply_mask(case.layer(device), case.mask.to(device), execution="auto")
         x = case.input(device)
         grad = torch.randn_like(dense(x))
-        fns = {
-            "dense": fwd_bwd(dense, x, grad),
-            "taps": fwd_bwd(tapped, x, grad),
-            "auto": fwd_bwd(auto, x, grad),
-        }
+        fns = {"dense": fwd_bwd(dense, x, grad), "taps": fwd_bwd(tapped, x, grad)}
+        if not brief:
+            fns["auto"] = fwd_bwd(auto, x, grad)
         if probe is not None:  # timed among the variants: %peak is a per-round ratio too
             fns["peak"] = probe[0]
-        has_cl = case.ndim >= 2
+        has_cl = case.ndim >= 2 and not brief
         if has_cl:
             fns["dense_cl"] = fwd_bwd(dense, channels_last(x), channels_last(grad))
             fns["taps_cl"] = fwd_bwd(tapped, channels_last(x), channels_last(grad))
@@ -465,7 +465,8 @@ def section_taps(
             f"{ratio(times, 'taps', 'dense'):17s} "
             f"{ratio(times, 'taps', 'dense_cl') if has_cl else na:17s} "
             f"{ratio(times, 'taps_cl', 'dense_cl') if has_cl else na:17s} "
-            f"{ratio(times, 'auto', 'dense'):17s} {chosen:>8s}"
+            f"{na if brief else ratio(times, 'auto', 'dense'):17s} "
+            f"{'n/a' if brief else chosen:>8s}"
         )
         gflops = useful_flops(case) / statistics.median(times["taps"]) / 1e9
         if probe is not None:
@@ -595,6 +596,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory column")
     parser.add_argument(
+        "--brief",
+        action="store_true",
+        help="section 2 times dense and taps only, not channels-last or auto (half the time)",
+    )
+    parser.add_argument(
         "--isa",
         choices=["native", "avx2", "avx512"],
         default="native",
@@ -642,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
         section_overhead(pick(OVERHEAD_CASES), rounds, device, timer)
     if "2" in sections:
         memory = not (args.quick or args.no_memory)
-        section_taps(pick(TAP_CASES), rounds, device, timer, memory, probe)
+        section_taps(pick(TAP_CASES), rounds, device, timer, memory, probe, args.brief)
     if "3" in sections:
         section_model(rounds, device, timer)
 
