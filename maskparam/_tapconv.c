@@ -82,7 +82,10 @@ static inline lanes_t lanes_from_bits(uint32_t bits) { return bits; }
 #define FULL_BITS ((uint32_t)((1ull << LANES) - 1))
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
 
-static inline vf splat(float s) { return (vf){0} + s; }
+/* Every lane s. As s - 0, which is s for every s, so the compiler drops the subtraction and
+ * broadcasts; s + 0 is not (-0.0 + 0.0 = +0.0), and the add would stay in the innermost
+ * loops. */
+static inline vf splat(float s) { return s - (vf){0}; }
 
 static inline vf loadu(const float* p) {
     vf v;
