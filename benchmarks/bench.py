@@ -17,8 +17,18 @@ Sections:
    (``maskparam.taps.kernel_status()``); where it does not, taps runs the boxes.
    Peak memory is the most tensor memory held at once during one forward+backward, beyond
    the inputs (CUDA: the caching allocator's peak; CPU: the profiler's allocation events).
+   The "random" cases have arbitrary tap sets (seeded), which the tap kernel takes as they
+   are. The GF/s column is the useful work of taps (2 flops per active tap, input channel,
+   output channel and output position, for the forward, input and weight gradients) per
+   second, and "%peak" its fraction of this machine's FMA peak, measured by a small probe
+   (independent FMA chains on every thread, built for the tap kernel's instruction set) that
+   is timed among the variants, so that the fraction is a per-round ratio like the others.
 3. ``apply_masks`` and baking (``remove_masks(bake=True)``) on a ResNet-50-sized network
    with 53 convolutions, against one forward pass of that network at batch 1.
+
+``--isa avx2`` measures as on a CPU with AVX2 but no AVX-512: it runs the tap kernel built for
+AVX2 (``MASKPARAM_TAP_ISA=avx2``) and caps oneDNN, which runs dense, at AVX2
+(``ONEDNN_MAX_CPU_ISA=AVX2``, read when torch loads: the script starts itself again with it).
 """
 
 from __future__ import annotations
@@ -26,9 +36,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,9 +55,9 @@ from torch.nn.utils import parametrize, prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maskparam._taps_kernels import SCRATCH
+from maskparam import _tap_kernel
 from maskparam.apply import apply_mask, remove_mask
-from maskparam.taps import kernel_status
+from maskparam.taps import empty_cache, kernel_status
 
 Fn = Callable[[], object]
 
@@ -68,6 +81,16 @@ def causal_type_a(k: int) -> Tensor:
     """PixelCNN mask A: the taps strictly before the centre in raster order (24 of 49)."""
     flat = torch.arange(k * k).reshape(k, k)
     return flat < (k * k) // 2
+
+
+def random_taps(kernel: tuple[int, ...], active: int, seed: int) -> Tensor:
+    """``active`` taps of ``kernel`` drawn at random (seeded): an arbitrary tap set."""
+    order = torch.randperm(
+        torch.Size(kernel).numel(), generator=torch.Generator().manual_seed(seed)
+    )
+    mask = torch.zeros(torch.Size(kernel).numel(), dtype=torch.bool)
+    mask[order[:active]] = True
+    return mask.reshape(kernel)
 
 
 def spaced_1d(k: int, active: int) -> Tensor:
@@ -159,7 +182,7 @@ def peak_bytes(fn: Fn, device: torch.device) -> int:
     fn()  # warm: first-call allocations are not the steady state
     # The taps path keeps its scratch buffers from call to call: empty them, so that the
     # measured call allocates, and counts, the ones it uses.
-    SCRATCH.clear()
+    empty_cache()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -263,7 +286,90 @@ TAP_CASES = [
     Case("causal 7x7 A", 2, 16, 3, 64, 128, causal_type_a(7)),
     Case("causal 7x7 A", 2, 32, 64, 64, 56, causal_type_a(7), quick=True),
     Case("1d 3 of 9 taps", 1, 64, 128, 128, 1024, spaced_1d(9, 3), quick=True),
+    Case("3d random 7 of 3x3x3", 3, 4, 16, 32, 32, random_taps((3, 3, 3), 7, 0), quick=True),
+    Case("3d random 20 of 5x5x5", 3, 4, 16, 32, 32, random_taps((5, 5, 5), 20, 1)),
+    Case("2d random 12 of 7x7", 2, 16, 32, 64, 64, random_taps((7, 7), 12, 2), quick=True),
+    Case("2d random 4 of 5x5", 2, 32, 64, 64, 56, random_taps((5, 5), 4, 3)),
 ]
+
+
+# -- the machine's FMA peak ---------------------------------------------------------------
+
+PROBE = r"""
+#include <stdint.h>
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+#define CHAINS 12 /* independent FMA chains: more than latency times ports on these CPUs */
+double fma_probe(int64_t iters, int nthreads) {
+    double total = 0.0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+    {
+        vf a[CHAINS], b = (vf){0} + 0.999999f, c = (vf){0} + 1e-7f;
+        for (int i = 0; i < CHAINS; i++) a[i] = (vf){0} + 1e-3f * (float)i;
+        for (int64_t it = 0; it < iters; it++)
+#pragma GCC unroll 12
+            for (int i = 0; i < CHAINS; i++) a[i] = a[i] * b + c;
+        for (int i = 0; i < CHAINS; i++)
+            for (int l = 0; l < LANES; l++) total += a[i][l];
+    }
+    return total;
+}
+"""
+
+
+PROBE_RUNS = 100
+
+
+def _probe_library() -> ctypes.CDLL | None:
+    """The probe, built for the tap kernel's instruction set; None where it does not run."""
+    isa = _tap_kernel.isa()
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if isa is None or compiler is None:
+        return None
+    lanes = _tap_kernel.sizes()["lanes"]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib_path = Path(tmp) / "probe.c", Path(tmp) / "probe.so"
+        src.write_text(PROBE)
+        flags = [*_tap_kernel.FLAGS, *_tap_kernel.ISAS[isa][1], f"-DLANES={lanes}"]
+        subprocess.run([compiler, *flags, "-o", str(lib_path), str(src)], check=True)
+        lib = ctypes.CDLL(str(lib_path))
+    lib.fma_probe.argtypes = [ctypes.c_int64, ctypes.c_int]
+    lib.fma_probe.restype = ctypes.c_double
+    return lib
+
+
+PROBE_RUNS = 100
+
+
+def fma_peak(threads: int) -> float | None:
+    """GFLOP/s of FMAs on ``threads`` threads, in the tap kernel's ISA, best of many runs.
+
+    Many short runs, the best: on a shared machine, some find the cores to themselves.
+    """
+    step = fma_probe_step(threads, iters=200_000)
+    if step is None:
+        return None
+    run, flops = step
+    best = float("inf")
+    for _ in range(PROBE_RUNS):
+        begin = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - begin)
+    return flops / best / 1e9
+
+
+def fma_probe_step(threads: int, iters: int = 2_000_000) -> tuple[Fn, float] | None:
+    """One run of the probe, and its flops: a variant to time among a case's, round by round."""
+    lib = _probe_library()
+    if lib is None:
+        return None
+    lanes = _tap_kernel.sizes()["lanes"]
+    return lambda: lib.fma_probe(iters, threads), 2 * lanes * 12 * iters * threads
+
+
+def useful_flops(case: Case) -> float:
+    """Flops of the active taps in one forward+backward: forward, input and weight gradients."""
+    positions = case.batch * case.size**case.ndim
+    return 3 * 2 * positions * case.c_in * case.c_out * int(case.mask.sum())
 
 
 # -- sections -------------------------------------------------------------------------------
@@ -312,8 +418,15 @@ def section_overhead(cases: list[Case], rounds: int, device: torch.device, timer
 
 
 def section_taps(
-    cases: list[Case], rounds: int, device: torch.device, timer: Timer, memory: bool
+    cases: list[Case],
+    rounds: int,
+    device: torch.device,
+    timer: Timer,
+    memory: bool,
+    probe: tuple[Fn, float] | None,
+    brief: bool = False,
 ) -> None:
+    """Time the variants of each case; ``brief``: dense and taps only (n/a for the rest)."""
     print(
         "\n== 2. Active taps, forward+backward: times in ms, ratios per round "
         "(cf: contiguous input and gradient; cl: channels-last)"
@@ -321,7 +434,7 @@ def section_taps(
     header = (
         f"{'case':42s} {'active':>7s} {'dense':>8s} {'dense_cl':>8s} {'taps':>8s} "
         f"{'taps/dense':17s} {'taps/dense_cl':17s} {'taps_cl/dense_cl':17s} "
-        f"{'auto/dense':17s} {'auto->':>8s}"
+        f"{'auto/dense':17s} {'auto->':>8s} {'GF/s':>6s} {'%peak':>5s}"
     )
     if memory:
         header += f" {'mem taps/dense':>14s}"
@@ -332,12 +445,12 @@ def section_taps(
         auto = apply_mask(case.layer(device), case.mask.to(device), execution="auto")
         x = case.input(device)
         grad = torch.randn_like(dense(x))
-        fns = {
-            "dense": fwd_bwd(dense, x, grad),
-            "taps": fwd_bwd(tapped, x, grad),
-            "auto": fwd_bwd(auto, x, grad),
-        }
-        has_cl = case.ndim >= 2
+        fns = {"dense": fwd_bwd(dense, x, grad), "taps": fwd_bwd(tapped, x, grad)}
+        if not brief:
+            fns["auto"] = fwd_bwd(auto, x, grad)
+        if probe is not None:  # timed among the variants: %peak is a per-round ratio too
+            fns["peak"] = probe[0]
+        has_cl = case.ndim >= 2 and not brief
         if has_cl:
             fns["dense_cl"] = fwd_bwd(dense, channels_last(x), channels_last(grad))
             fns["taps_cl"] = fwd_bwd(tapped, channels_last(x), channels_last(grad))
@@ -352,8 +465,18 @@ def section_taps(
             f"{ratio(times, 'taps', 'dense'):17s} "
             f"{ratio(times, 'taps', 'dense_cl') if has_cl else na:17s} "
             f"{ratio(times, 'taps_cl', 'dense_cl') if has_cl else na:17s} "
-            f"{ratio(times, 'auto', 'dense'):17s} {chosen:>8s}"
+            f"{na if brief else ratio(times, 'auto', 'dense'):17s} "
+            f"{'n/a' if brief else chosen:>8s}"
         )
+        gflops = useful_flops(case) / statistics.median(times["taps"]) / 1e9
+        if probe is not None:
+            fraction = statistics.median(
+                useful_flops(case) / t / (probe[1] / p)
+                for t, p in zip(times["taps"], times["peak"], strict=True)
+            )
+            line += f" {gflops:6.1f} {100 * fraction:4.0f}%"
+        else:
+            line += f" {gflops:6.1f}   n/a"
         if memory:
             mem_dense = peak_bytes(fns["dense"], device)
             mem_taps = peak_bytes(fns["taps"], device)
@@ -472,7 +595,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory column")
+    parser.add_argument(
+        "--brief",
+        action="store_true",
+        help="section 2 times dense and taps only, not channels-last or auto (half the time)",
+    )
+    parser.add_argument(
+        "--isa",
+        choices=["native", "avx2", "avx512"],
+        default="native",
+        help="the tap kernel's instruction set; avx2 also caps oneDNN (dense) at AVX2",
+    )
     args = parser.parse_args(argv)
+    if args.isa != "native" and os.environ.get("MASKPARAM_TAP_ISA") != args.isa:
+        # oneDNN reads its cap when torch loads: start again with the environment set.
+        env = {**os.environ, "MASKPARAM_TAP_ISA": args.isa}
+        if args.isa == "avx2":
+            env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+        sys.stdout.flush()
+        given = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *given], env)
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -488,12 +630,25 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"maskparam benchmarks: torch {torch.__version__}, {name}, "
         f"torch.get_num_threads()={torch.get_num_threads()}, rounds={rounds}, "
-        f"tap kernel: {kernel_status()}"
+        f"tap kernel: {kernel_status()}, "
+        f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(unset)')}"
     )
+    probe = None
+    if "2" in sections and device.type == "cpu":
+        threads = torch.get_num_threads()
+        probe = fma_probe_step(threads)
+        peak = fma_peak(threads)
+        if peak is not None:
+            print(
+                f"FMA peak probe ({_tap_kernel.isa()}, {threads} threads): {peak:.0f} GFLOP/s, "
+                f"the best of {PROBE_RUNS} short runs; %peak below is per round, against "
+                "the probe timed among the variants"
+            )
     if "1" in sections:
         section_overhead(pick(OVERHEAD_CASES), rounds, device, timer)
     if "2" in sections:
-        section_taps(pick(TAP_CASES), rounds, device, timer, not (args.quick or args.no_memory))
+        memory = not (args.quick or args.no_memory)
+        section_taps(pick(TAP_CASES), rounds, device, timer, memory, probe, args.brief)
     if "3" in sections:
         section_model(rounds, device, timer)
 

@@ -1,77 +1,262 @@
-/* maskparam's active-tap convolution kernel for x86-64 CPUs with AVX-512, float32.
+/* maskparam's active-tap convolution kernel, float32, written once with GCC/Clang vector
+ * extensions and compiled once per instruction set: x86-64 AVX-512 (16 lanes), x86-64
+ * AVX2 with FMA (8 lanes), ARM64 NEON (4 lanes). Only the few primitives in "the
+ * instruction set" below (masked loads and stores, tile sizes) differ between them.
  *
- * Built at first use by maskparam/_tap_kernel.py (cc -O3 -march=native -fopenmp) and called
- * through ctypes; without a C compiler or AVX-512, maskparam runs the same layers box by box.
+ * Built at first use by maskparam/_tap_kernel.py (cc -O3 -fopenmp and the flags of one
+ * instruction set) and called through ctypes; without a C compiler or a supported CPU,
+ * maskparam runs the same layers box by box. tests/c/ builds it standalone.
  *
- * A stride-1 convolution with T active taps, in the layout torch gives by default
+ * Layout. A stride-1 convolution with T active taps, in the layout torch gives by default
  * (channels-first, contiguous), over "planes": x is (N, C, D, P) with P = H * W, y is
  * (N, O, Do, P) with the same H and W. Tap t reads the input plane taps[3t] away, at the
  * position (taps[3t+1], taps[3t+2]) away in (H, W); a read outside the input is zero. So
  *
  *     y[n, o, q, (h, w)] = bias[o] + sum_{c, t} w[t, c, o] * x[n, c, q + dq_t, (h + dh_t, w + dw_t)]
  *
- * Every plane is flat and contiguous, so a tap is a constant offset into it: 16 output
+ * Every plane is flat and contiguous, so a tap is a constant offset into it: LANES output
  * positions are one vector, and lanes whose source falls outside the plane (across a row
- * end, or past the top or bottom) are masked off as the vector loads. A 2-D conv has D = 1,
- * a 1-D conv also H = 1. The input gradient is the same sum with the taps negated and the
- * weight transposed; tap_weight_grad gives the weight (and bias) gradient.
+ * end, or past the top or bottom) are masked off as the vector loads; a vector whose lanes
+ * all read inside the plane loads plainly. A 2-D conv has D = 1, a 1-D conv also H = 1.
+ * The input gradient is the same sum with the taps negated and the weight transposed.
+ *
+ * Loop order. tap_forward: in parallel over (n, q, tile of NV * LANES positions); then
+ * blocks of OB output channels; then the taps that land inside the depth; then the input
+ * channels, each one NV vector loads of x and OB broadcasts of w into NV * OB accumulators
+ * that stay in registers. tap_weight_grad, two variants (tap_weight_grad_variant says which
+ * runs): "channels" (O a multiple of LANES, at least 2 * LANES) puts output channels in the
+ * lanes and goes in parallel over (n, q), then rectangles of a plane, then taps, then blocks
+ * of SB input channels, then positions; "positions" puts positions in the lanes and goes in
+ * parallel over (n, q), then blocks of WO output channels, then blocks of WK (channel, tap)
+ * pairs, then vectors of positions. Both keep per-thread partial sums
+ * (tap_weight_grad_scratch bytes per thread) that add up at the end.
  */
-#ifndef __AVX512F__
-#error "maskparam's tap kernel needs AVX-512 (compile with -march=native on such a CPU)"
-#endif
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#define NV 3 /* vectors of 16 positions per output tile */
-#define OB 8 /* output channels per tile: NV * OB = 24 accumulators */
+/* -- the instruction set ---------------------------------------------------------------- */
 
-static __mmask16 range_mask(int64_t start, int64_t lo, int64_t hi) {
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define TAP_ISA "avx512"
+#define LANES 16
+#define NV 3        /* forward: vectors of positions per tile */
+#define OB 8        /* forward: output channels per tile; NV * OB = 24 of 32 registers */
+#define WO 8        /* weight gradient, positions: output channels per tile */
+#define WK 3        /* weight gradient, positions: (channel, tap) pairs; WO * WK = 24 */
+#define OV_MAX 4    /* weight gradient, channels: vectors of output channels per block */
+typedef __mmask16 lanes_t;
+static inline lanes_t lanes_from_bits(uint32_t bits) { return (lanes_t)bits; }
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define TAP_ISA "avx2"
+#define LANES 8
+#define NV 3 /* NV * OB = 12 accumulators, NV + 1 more of 16 registers */
+#define OB 4
+#define WO 4
+#define WK 2
+#define OV_MAX 2
+typedef __m256i lanes_t;
+static inline lanes_t lanes_from_bits(uint32_t bits) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)bits), bit), bit);
+}
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define TAP_ISA "neon"
+#define LANES 4
+#define NV 3 /* 32 registers, as for AVX-512 */
+#define OB 8
+#define WO 8
+#define WK 3
+#define OV_MAX 4
+typedef uint32_t lanes_t;
+static inline lanes_t lanes_from_bits(uint32_t bits) { return bits; }
+#else
+#error "maskparam's tap kernel needs AVX-512, AVX2 with FMA, or ARM64 NEON"
+#endif
+
+#define FULL_BITS ((uint32_t)((1ull << LANES) - 1))
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+
+/* Every lane s. As s - 0, which is s for every s, so the compiler drops the subtraction and
+ * broadcasts; s + 0 is not (-0.0 + 0.0 = +0.0), and the add would stay in the innermost
+ * loops. */
+static inline vf splat(float s) { return s - (vf){0}; }
+
+static inline vf loadu(const float* p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void storeu(float* p, vf v) { memcpy(p, &v, sizeof v); }
+
+/* The lanes of m from p, zero elsewhere; lanes off are never read (they may lie outside
+ * the tensor). */
+static inline vf load_lanes(lanes_t m, const float* p) {
+#if LANES == 16
+    return (vf)_mm512_maskz_loadu_ps(m, p);
+#elif defined(__AVX2__)
+    return (vf)_mm256_maskload_ps(p, m);
+#else
+    if (m == FULL_BITS) return loadu(p);
+    vf v = {0};
+    for (int i = 0; i < LANES; i++)
+        if (m >> i & 1) v[i] = p[i];
+    return v;
+#endif
+}
+
+static inline void store_lanes(lanes_t m, float* p, vf v) {
+#if LANES == 16
+    _mm512_mask_storeu_ps(p, m, (__m512)v);
+#elif defined(__AVX2__)
+    _mm256_maskstore_ps(p, m, (__m256)v);
+#else
+    for (int i = 0; i < LANES; i++)
+        if (m >> i & 1) p[i] = v[i];
+#endif
+}
+
+/* aligned_alloc wants a size that is a multiple of the alignment. */
+static void* alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+static inline float lane_sum(vf v) {
+    float s = 0.f;
+    for (int i = 0; i < LANES; i++) s += v[i];
+    return s;
+}
+
+/* -- what Python must know ---------------------------------------------------------------- */
+
+/* The geometry of one call: see the layout above. */
+typedef struct {
+    int64_t N, C, D, H, W, O, Do, T;
+    const int64_t* taps; /* (T, 3): plane, row, column offsets */
+    int64_t nthreads;
+} tap_geometry;
+
+#ifndef TAP_BUILD_KEY
+#define TAP_BUILD_KEY 0 /* set by the builder to a hash of this source and its flags */
+#endif
+
+uint64_t tap_build_key(void) { return (uint64_t)TAP_BUILD_KEY; }
+const char* tap_isa(void) { return TAP_ISA; }
+int64_t tap_lanes(void) { return LANES; }
+/* The forward packs its weight with the output channels rounded up to this. */
+int64_t tap_out_block(void) { return OB; }
+int64_t tap_forward_tile(void) { return NV * LANES; }
+
+enum { WG_POSITIONS = 0, WG_CHANNELS = 1 };
+
+/* Channels in the lanes when they fill at least two vectors: then each position's products
+ * stay in registers. Fewer, and the lanes hold positions. */
+int tap_weight_grad_variant(int64_t C, int64_t O, int64_t T) {
+    (void)C, (void)T;
+    return O % LANES == 0 && O >= 2 * LANES ? WG_CHANNELS : WG_POSITIONS;
+}
+
+#define SB_MAX 12 /* the most input channels in one block of the channels variant */
+
+/* The bytes of partial sums the weight gradient keeps per thread. */
+int64_t tap_weight_grad_scratch(int64_t C, int64_t O, int64_t T) {
+    if (tap_weight_grad_variant(C, O, T) == WG_CHANNELS)
+        return (int64_t)sizeof(float) * ((C + SB_MAX) * T * O + O);
+    int64_t Opad = (O + WO - 1) / WO * WO;
+    return (int64_t)sizeof(float) * LANES * (C * T + 2) * Opad;
+}
+
+/* -- lane masks ---------------------------------------------------------------------------- */
+
+static uint32_t range_bits(int64_t start, int64_t lo, int64_t hi) {
     /* lanes i with lo <= start + i < hi */
     int64_t a = lo - start, b = hi - start;
     if (a < 0) a = 0;
-    if (b > 16) b = 16;
+    if (b > LANES) b = LANES;
     if (b <= a) return 0;
-    return (__mmask16)((((uint32_t)1 << b) - 1) & ~(((uint32_t)1 << a) - 1));
+    return (uint32_t)(((1ull << b) - 1) & ~((1ull << a) - 1));
 }
 
-/* masks[t * nvec + v]: the lanes of vector v (positions 16v ...) whose tap-t source lies in
- * the plane; masks[T * nvec + v]: the lanes inside the plane at all. */
-static __mmask16* plane_masks(int64_t H, int64_t W, int64_t T, const int64_t* taps, int64_t nvec) {
+/* Lane masks of the vectors of a plane: entry t * nvec + v holds the lanes of vector v
+ * (positions LANES * v ...) whose tap-t source lies in the plane; entry T * nvec + v the
+ * lanes inside the plane at all. bits holds the same as bit masks. */
+typedef struct {
+    lanes_t* lanes;
+    uint32_t* bits;
+} plane_masks;
+
+static int plane_masks_make(plane_masks* m, int64_t H, int64_t W, int64_t T,
+                            const int64_t* taps, int64_t nvec) {
     int64_t P = H * W;
-    __mmask16* masks = (__mmask16*)malloc(sizeof(__mmask16) * (T + 1) * nvec);
-    if (!masks) return NULL;
+    m->lanes = (lanes_t*)alloc64(sizeof(lanes_t) * (T + 1) * nvec);
+    m->bits = (uint32_t*)malloc(sizeof(uint32_t) * (T + 1) * nvec);
+    if (!m->lanes || !m->bits) return -1;
     for (int64_t t = 0; t < T; t++)
         for (int64_t v = 0; v < nvec; v++) {
-            __mmask16 m = 0;
-            for (int i = 0; i < 16; i++) {
-                int64_t p = v * 16 + i;
+            uint32_t b = 0;
+            for (int i = 0; i < LANES; i++) {
+                int64_t p = v * LANES + i;
                 if (p >= P) break;
                 int64_t h = p / W + taps[3 * t + 1], w = p % W + taps[3 * t + 2];
-                if (h >= 0 && h < H && w >= 0 && w < W) m |= (__mmask16)(1u << i);
+                if (h >= 0 && h < H && w >= 0 && w < W) b |= 1u << i;
             }
-            masks[t * nvec + v] = m;
+            m->bits[t * nvec + v] = b;
         }
-    for (int64_t v = 0; v < nvec; v++) masks[T * nvec + v] = range_mask(v * 16, 0, P);
-    return masks;
+    for (int64_t v = 0; v < nvec; v++) m->bits[T * nvec + v] = range_bits(v * LANES, 0, P);
+    for (int64_t i = 0; i < (T + 1) * nvec; i++) m->lanes[i] = lanes_from_bits(m->bits[i]);
+    return 0;
+}
+
+static void plane_masks_free(plane_masks* m) {
+    free(m->lanes);
+    free(m->bits);
+}
+
+/* -- forward (and input gradient) ----------------------------------------------------------- */
+
+/* acc += the products of one tap over all input channels; full: every lane reads inside. */
+static inline __attribute__((always_inline)) void fwd_tap(vf acc[OB][NV], const float* src,
+                                                          const float* wt, int64_t C,
+                                                          int64_t cstride, int64_t Opad,
+                                                          const lanes_t* mk, int full) {
+    lanes_t mv[NV];
+    for (int v = 0; v < NV; v++) mv[v] = mk[v];
+    for (int64_t c = 0; c < C; c++, src += cstride, wt += Opad) {
+        vf xv[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++)
+            xv[v] = full ? loadu(src + LANES * v) : load_lanes(mv[v], src + LANES * v);
+#pragma GCC unroll 16
+        for (int o = 0; o < OB; o++) {
+            vf wv = splat(wt[o]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) acc[o][v] += wv * xv[v];
+        }
+    }
 }
 
 /* y = conv(x): wp is (T, C, Opad) and bias (Opad) or NULL, Opad = O rounded up to OB with
  * zeros. Returns 0, or -1 if out of memory (y untouched then). */
-int tap_forward(const float* x, const float* wp, const float* bias, float* y, int64_t N,
-                int64_t C, int64_t D, int64_t H, int64_t W, int64_t O, int64_t Do, int64_t T,
-                const int64_t* taps, int nthreads) {
-    int64_t P = H * W, nvec = (P + 15) / 16, tiles = (nvec + NV - 1) / NV;
+int tap_forward(const tap_geometry* g, const float* x, const float* wp, const float* bias,
+                float* y) {
+    const int64_t N = g->N, C = g->C, D = g->D, H = g->H, W = g->W, O = g->O, Do = g->Do;
+    const int64_t T = g->T, *taps = g->taps;
+    int64_t P = H * W, nvec = (P + LANES - 1) / LANES, tiles = (nvec + NV - 1) / NV;
     int64_t Opad = (O + OB - 1) / OB * OB;
-    __mmask16* masks = plane_masks(H, W, T, taps, tiles * NV);
-    if (!masks) return -1;
     const int64_t mstride = tiles * NV;
-    const __mmask16* inside = masks + T * mstride;
+    plane_masks masks;
+    if (plane_masks_make(&masks, H, W, T, taps, mstride)) {
+        plane_masks_free(&masks);
+        return -1;
+    }
+    const lanes_t* inside = masks.lanes + T * mstride;
+    const uint32_t* inside_bits = masks.bits + T * mstride;
     int failed = 0;
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads((int)g->nthreads)
     {
         int64_t* toff = (int64_t*)malloc(sizeof(int64_t) * (T + 1));
         int64_t* tidx = (int64_t*)malloc(sizeof(int64_t) * (T + 1));
@@ -91,35 +276,32 @@ int tap_forward(const float* x, const float* wp, const float* bias, float* y, in
                     toff[nt] = sq * P + taps[3 * t + 1] * W + taps[3 * t + 2];
                     tidx[nt++] = t;
                 }
-                int64_t p0 = tile * 16 * NV;
+                int64_t p0 = tile * LANES * NV;
                 for (int64_t o0 = 0; o0 < Opad; o0 += OB) {
-                    __m512 acc[OB][NV];
+                    vf acc[OB][NV];
                     for (int o = 0; o < OB; o++) {
-                        __m512 b = _mm512_set1_ps(bias ? bias[o0 + o] : 0.f);
+                        vf b = splat(bias ? bias[o0 + o] : 0.f);
                         for (int v = 0; v < NV; v++) acc[o][v] = b;
                     }
                     for (int64_t k = 0; k < nt; k++) {
-                        const __mmask16* mk = masks + tidx[k] * mstride + tile * NV;
-                        __mmask16 mv[NV];
-                        for (int v = 0; v < NV; v++) mv[v] = mk[v];
+                        int64_t at = tidx[k] * mstride + tile * NV;
+                        int full = 1;
+                        for (int v = 0; v < NV; v++) full &= masks.bits[at + v] == FULL_BITS;
                         const float* src = x + n * C * D * P + p0 + toff[k];
                         const float* wt = wp + tidx[k] * C * Opad + o0;
-                        for (int64_t c = 0; c < C; c++, src += D * P, wt += Opad) {
-                            __m512 xv[NV];
-#pragma GCC unroll 8
-                            for (int v = 0; v < NV; v++) xv[v] = _mm512_maskz_loadu_ps(mv[v], src + 16 * v);
-#pragma GCC unroll 16
-                            for (int o = 0; o < OB; o++) {
-                                __m512 wv = _mm512_set1_ps(wt[o]);
-#pragma GCC unroll 8
-                                for (int v = 0; v < NV; v++) acc[o][v] = _mm512_fmadd_ps(wv, xv[v], acc[o][v]);
-                            }
-                        }
+                        if (full)
+                            fwd_tap(acc, src, wt, C, D * P, Opad, masks.lanes + at, 1);
+                        else
+                            fwd_tap(acc, src, wt, C, D * P, Opad, masks.lanes + at, 0);
                     }
                     for (int o = 0; o < OB && o0 + o < O; o++) {
                         float* yo = y + ((n * O + o0 + o) * Do + q) * P + p0;
-                        for (int v = 0; v < NV; v++)
-                            _mm512_mask_storeu_ps(yo + 16 * v, inside[tile * NV + v], acc[o][v]);
+                        for (int v = 0; v < NV; v++) {
+                            if (inside_bits[tile * NV + v] == FULL_BITS)
+                                storeu(yo + LANES * v, acc[o][v]);
+                            else
+                                store_lanes(inside[tile * NV + v], yo + LANES * v, acc[o][v]);
+                        }
                     }
                 }
             }
@@ -127,33 +309,34 @@ int tap_forward(const float* x, const float* wp, const float* bias, float* y, in
         free(toff);
         free(tidx);
     }
-    free(masks);
+    plane_masks_free(&masks);
     return failed ? -1 : 0;
 }
 
-#define WO 8 /* output channels per weight-gradient tile */
-#define WK 3 /* (input channel, tap) pairs per tile: WO * WK = 24 accumulators */
+/* -- weight gradient, positions in the lanes ------------------------------------------------ */
 
-/* The weight gradient with positions in the vector lanes, for any O: each thread sums
- * vectors of 16 partial sums per (slot, o) over the planes it takes, and the threads' sums
- * add up at the end. */
-static int wg_lanes(const float* x, const float* g, float* gwp, float* gb, int64_t N, int64_t C,
-                    int64_t D, int64_t H, int64_t W, int64_t O, int64_t Do, int64_t T,
-                    const int64_t* taps, int nthreads) {
-    int64_t P = H * W, nvec = (P + 15) / 16;
+/* For any O: each thread sums vectors of LANES partial sums per (slot, o) over the planes it
+ * takes, and the threads' sums add up at the end. */
+static int wg_positions(const tap_geometry* g, const float* x, const float* gy, float* gwp,
+                        float* gb) {
+    const int64_t N = g->N, C = g->C, D = g->D, H = g->H, W = g->W, O = g->O, Do = g->Do;
+    const int64_t T = g->T, *taps = g->taps;
+    const int nthreads = (int)g->nthreads;
+    int64_t P = H * W, nvec = (P + LANES - 1) / LANES;
     int64_t K = C * T + 1; /* slots: each (c, t), then the bias; then one that takes padding */
     int64_t Opad = (O + WO - 1) / WO * WO;
-    int64_t slots = (K + 1) * Opad * 16;
-    __mmask16* masks = plane_masks(H, W, T, taps, nvec);
-    float* zeros = (float*)aligned_alloc(64, sizeof(float) * 16 * nvec);
-    float* ones = (float*)aligned_alloc(64, sizeof(float) * 16 * nvec);
-    float* acc_all = (float*)aligned_alloc(64, sizeof(float) * slots * nthreads);
-    int failed = !masks || !zeros || !ones || !acc_all;
+    int64_t slots = (K + 1) * Opad * LANES;
+    plane_masks masks;
+    int failed = plane_masks_make(&masks, H, W, T, taps, nvec);
+    float* zeros = (float*)alloc64(sizeof(float) * LANES * nvec);
+    float* ones = (float*)alloc64(sizeof(float) * LANES * nvec);
+    float* acc_all = (float*)alloc64(sizeof(float) * slots * nthreads);
+    failed = failed || !zeros || !ones || !acc_all;
     if (!failed) {
-        for (int64_t i = 0; i < 16 * nvec; i++) zeros[i] = 0.f, ones[i] = 1.f;
+        for (int64_t i = 0; i < LANES * nvec; i++) zeros[i] = 0.f, ones[i] = 1.f;
         for (int64_t i = 0; i < slots * nthreads; i++) acc_all[i] = 0.f;
     }
-    const __mmask16* inside = failed ? NULL : masks + T * nvec;
+    const lanes_t* inside = failed ? NULL : masks.lanes + T * nvec;
 #pragma omp parallel num_threads(nthreads) if (!failed)
     {
         int tid = 0;
@@ -162,7 +345,7 @@ static int wg_lanes(const float* x, const float* g, float* gwp, float* gb, int64
 #endif
         int64_t cap = K + WK;
         const float** src = (const float**)malloc(sizeof(float*) * cap);
-        const __mmask16** msk = (const __mmask16**)malloc(sizeof(__mmask16*) * cap);
+        const lanes_t** msk = (const lanes_t**)malloc(sizeof(lanes_t*) * cap);
         int64_t* slot = (int64_t*)malloc(sizeof(int64_t) * cap);
         if (!failed && (!src || !msk || !slot)) {
 #pragma omp atomic write
@@ -179,7 +362,7 @@ static int wg_lanes(const float* x, const float* g, float* gwp, float* gb, int64
                         int64_t sq = q + taps[3 * t];
                         if (sq < 0 || sq >= D) continue;
                         src[nk] = x + ((n * C + c) * D + sq) * P + taps[3 * t + 1] * W + taps[3 * t + 2];
-                        msk[nk] = masks + t * nvec;
+                        msk[nk] = masks.lanes + t * nvec;
                         slot[nk++] = c * T + t;
                     }
                 if (gb) src[nk] = ones, msk[nk] = inside, slot[nk++] = C * T;
@@ -187,25 +370,24 @@ static int wg_lanes(const float* x, const float* g, float* gwp, float* gb, int64
                 for (int64_t o0 = 0; o0 < Opad; o0 += WO) {
                     const float* gp[WO];
                     for (int j = 0; j < WO; j++)
-                        gp[j] = o0 + j < O ? g + ((n * O + o0 + j) * Do + q) * P : zeros;
+                        gp[j] = o0 + j < O ? gy + ((n * O + o0 + j) * Do + q) * P : zeros;
                     for (int64_t k0 = 0; k0 < nk; k0 += WK) {
-                        __m512 acc[WK][WO];
+                        vf acc[WK][WO];
                         for (int k = 0; k < WK; k++)
                             for (int j = 0; j < WO; j++)
-                                acc[k][j] = _mm512_load_ps(accb + (slot[k0 + k] * Opad + o0 + j) * 16);
+                                acc[k][j] = *(vf*)(accb + (slot[k0 + k] * Opad + o0 + j) * LANES);
                         for (int64_t v = 0; v < nvec; v++) {
-                            __m512 gv[WO];
-                            for (int j = 0; j < WO; j++)
-                                gv[j] = _mm512_maskz_loadu_ps(inside[v], gp[j] + v * 16);
+                            vf gv[WO];
+                            for (int j = 0; j < WO; j++) gv[j] = load_lanes(inside[v], gp[j] + v * LANES);
 #pragma GCC unroll 8
                             for (int k = 0; k < WK; k++) {
-                                __m512 xv = _mm512_maskz_loadu_ps(msk[k0 + k][v], src[k0 + k] + v * 16);
-                                for (int j = 0; j < WO; j++) acc[k][j] = _mm512_fmadd_ps(gv[j], xv, acc[k][j]);
+                                vf xv = load_lanes(msk[k0 + k][v], src[k0 + k] + v * LANES);
+                                for (int j = 0; j < WO; j++) acc[k][j] += gv[j] * xv;
                             }
                         }
                         for (int k = 0; k < WK; k++)
                             for (int j = 0; j < WO; j++)
-                                _mm512_store_ps(accb + (slot[k0 + k] * Opad + o0 + j) * 16, acc[k][j]);
+                                *(vf*)(accb + (slot[k0 + k] * Opad + o0 + j) * LANES) = acc[k][j];
                     }
                 }
             }
@@ -217,85 +399,109 @@ static int wg_lanes(const float* x, const float* g, float* gwp, float* gb, int64
     if (!failed)
         for (int64_t s = 0; s < K; s++)
             for (int64_t o = 0; o < O; o++) {
-                __m512 sum = _mm512_setzero_ps();
+                vf sum = {0};
                 for (int th = 0; th < nthreads; th++)
-                    sum = _mm512_add_ps(sum, _mm512_load_ps(acc_all + th * slots + (s * Opad + o) * 16));
-                float v = _mm512_reduce_add_ps(sum);
+                    sum += *(const vf*)(acc_all + th * slots + (s * Opad + o) * LANES);
+                float v = lane_sum(sum);
                 if (s < C * T) gwp[s * O + o] = v;
                 else if (gb) gb[o] = v;
             }
     free(acc_all);
     free(zeros);
     free(ones);
-    free(masks);
+    plane_masks_free(&masks);
     return failed ? -1 : 0;
 }
 
-/* Weight gradient with the output channels in the vector lanes: for O a multiple of 16.
- * Each thread copies a plane of g to position-major order (P, O), then for each tap and
- * block of input channels sums x (broadcast) times a row of that copy over the positions
- * where the tap reads inside the plane, in registers. */
+/* -- weight gradient, output channels in the lanes ------------------------------------------ */
+
+/* For O a multiple of LANES, at least 2 * LANES. Each thread copies a rectangle of a plane of
+ * g to position-major order, then for each tap and block of SB input channels sums x
+ * (broadcast) times a row of that copy over the positions where the tap reads inside the
+ * plane, OV * SB vectors in registers. */
 #define WG_KERNEL(OV, SB)                                                                      \
     static void wg_block_##OV##_##SB(const float* const* xs, const float* gT, int64_t O,        \
                                      int64_t W, int64_t h0, int64_t h1, int64_t w0,             \
                                      int64_t w1, int64_t ha, int64_t wa, int64_t cw,            \
                                      float* out, int64_t out_stride) {                          \
-        __m512 acc[SB][OV];                                                                     \
+        vf acc[SB][OV];                                                                         \
         for (int i = 0; i < SB; i++)                                                            \
-            for (int v = 0; v < OV; v++) acc[i][v] = _mm512_setzero_ps();                       \
+            for (int v = 0; v < OV; v++) acc[i][v] = (vf){0};                                   \
         for (int64_t h = h0; h < h1; h++) {                                                     \
             const float* gp = gT + ((h - ha) * cw + (w0 - wa)) * O;                             \
             for (int64_t w = w0; w < w1; w++, gp += O) {                                        \
                 int64_t p = h * W + w;                                                          \
-                __m512 gv[OV];                                                                  \
-                for (int v = 0; v < OV; v++) gv[v] = _mm512_loadu_ps(gp + 16 * v);              \
+                vf gv[OV];                                                                      \
+                for (int v = 0; v < OV; v++) gv[v] = loadu(gp + LANES * v);                     \
                 for (int i = 0; i < SB; i++) {                                                  \
-                    __m512 xb = _mm512_set1_ps(xs[i][p]);                                       \
-                    for (int v = 0; v < OV; v++)                                                \
-                        acc[i][v] = _mm512_fmadd_ps(xb, gv[v], acc[i][v]);                      \
+                    vf xb = splat(xs[i][p]);                                                    \
+                    for (int v = 0; v < OV; v++) acc[i][v] += xb * gv[v];                       \
                 }                                                                               \
             }                                                                                   \
         }                                                                                       \
         for (int i = 0; i < SB; i++)                                                            \
             for (int v = 0; v < OV; v++) {                                                      \
-                float* dst = out + i * out_stride + 16 * v;                                     \
-                _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc[i][v]));          \
+                float* dst = out + i * out_stride + LANES * v;                                  \
+                storeu(dst, loadu(dst) + acc[i][v]);                                            \
             }                                                                                   \
     }
-#define WG_CHUNK (1 << 16)
+
+typedef void (*wg_block_fn)(const float* const*, const float*, int64_t, int64_t, int64_t,
+                            int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float*,
+                            int64_t);
+
+/* Per count of output-channel vectors OV, two block heights SB: the larger, unless the
+ * smaller divides C and the larger not. OV * SB + OV + 1 vectors fit in the registers. */
+#if OV_MAX == 4
 WG_KERNEL(4, 6)
+WG_KERNEL(4, 4)
 WG_KERNEL(3, 8)
 WG_KERNEL(2, 12)
-WG_KERNEL(1, 12)
-WG_KERNEL(4, 4)
 WG_KERNEL(2, 8)
+WG_KERNEL(1, 12)
 WG_KERNEL(1, 8)
+static const int sb_big[OV_MAX + 1] = {0, 12, 12, 8, 6}, sb_small[OV_MAX + 1] = {0, 8, 8, 8, 4};
+static const wg_block_fn wg_big[OV_MAX + 1] = {0, wg_block_1_12, wg_block_2_12, wg_block_3_8,
+                                               wg_block_4_6};
+static const wg_block_fn wg_small[OV_MAX + 1] = {0, wg_block_1_8, wg_block_2_8, wg_block_3_8,
+                                                 wg_block_4_4};
+#elif OV_MAX == 2
+WG_KERNEL(2, 6)
+WG_KERNEL(2, 4)
+WG_KERNEL(1, 12)
+WG_KERNEL(1, 8)
+static const int sb_big[OV_MAX + 1] = {0, 12, 6}, sb_small[OV_MAX + 1] = {0, 8, 4};
+static const wg_block_fn wg_big[OV_MAX + 1] = {0, wg_block_1_12, wg_block_2_6};
+static const wg_block_fn wg_small[OV_MAX + 1] = {0, wg_block_1_8, wg_block_2_4};
+#endif
+
+#define WG_CHUNK (1 << 16) /* floats of g, position-major, per thread */
 
 /* One rectangle [ha, hb) x [wa, wb) of output plane q of sample n: its g, position-major,
  * into gT (row stride cw positions), then every tap's sums over the part of the rectangle
  * where that tap reads inside the plane. */
-static void wg_rect(const float* x, const float* gq, float* gT, float* accw, float* accb,
-                    int64_t n, int64_t q, int64_t C, int64_t D, int64_t H, int64_t W, int64_t O,
-                    int64_t Do, int64_t T, const int64_t* taps, const float* zeros, int64_t ha,
-                    int64_t hb, int64_t wa, int64_t wb, int64_t cw) {
+static void wg_rect(const tap_geometry* g, const float* x, const float* gq, float* gT,
+                    float* accw, float* accb, int64_t n, int64_t q, const float* zeros,
+                    int64_t ha, int64_t hb, int64_t wa, int64_t wb, int64_t cw) {
+    const int64_t C = g->C, D = g->D, H = g->H, W = g->W, O = g->O, Do = g->Do, T = g->T;
+    const int64_t* taps = g->taps;
     int64_t P = H * W;
     for (int64_t h = ha; h < hb; h++)
-        for (int64_t o0 = 0; o0 < O; o0 += 16)
+        for (int64_t o0 = 0; o0 < O; o0 += LANES)
             for (int64_t w0 = wa; w0 < wb; w0 += 16) {
                 int64_t we = w0 + 16 < wb ? w0 + 16 : wb;
-                for (int64_t o = o0; o < o0 + 16; o++) {
+                for (int64_t o = o0; o < o0 + LANES; o++) {
                     const float* row = gq + o * Do * P + h * W;
                     float* dst = gT + (h - ha) * cw * O + o;
                     for (int64_t w = w0; w < we; w++) dst[(w - wa) * O] = row[w];
                 }
             }
     if (accb)
-        for (int64_t o0 = 0; o0 < O; o0 += 16) {
-            __m512 s = _mm512_setzero_ps();
+        for (int64_t o0 = 0; o0 < O; o0 += LANES) {
+            vf s = {0};
             for (int64_t h = ha; h < hb; h++)
-                for (int64_t w = wa; w < wb; w++)
-                    s = _mm512_add_ps(s, _mm512_loadu_ps(gT + ((h - ha) * cw + (w - wa)) * O + o0));
-            _mm512_storeu_ps(accb + o0, _mm512_add_ps(_mm512_loadu_ps(accb + o0), s));
+                for (int64_t w = wa; w < wb; w++) s += loadu(gT + ((h - ha) * cw + (w - wa)) * O + o0);
+            storeu(accb + o0, loadu(accb + o0) + s);
         }
     for (int64_t t = 0; t < T; t++) {
         int64_t sq = q + taps[3 * t], dh = taps[3 * t + 1], dw = taps[3 * t + 2];
@@ -307,38 +513,30 @@ static void wg_rect(const float* x, const float* gq, float* gT, float* accw, flo
         if (w0 < wa) w0 = wa;
         if (w1 > wb) w1 = wb;
         if (h1 <= h0 || w1 <= w0) continue;
-        for (int64_t o0 = 0; o0 < O; o0 += 64) {
-            int ov = (O - o0) / 16 < 4 ? (int)((O - o0) / 16) : 4;
-            /* the larger block, unless the smaller divides C and the larger not */
-            int big = ov == 4 ? 6 : ov == 3 ? 8 : 12, small = ov == 4 ? 4 : 8;
-            int sb = ov == 3 || (C % big && !(C % small)) || C <= small ? small : big;
+        for (int64_t o0 = 0; o0 < O; o0 += OV_MAX * LANES) {
+            int ov = (O - o0) / LANES < OV_MAX ? (int)((O - o0) / LANES) : OV_MAX;
+            int big = sb_big[ov], small = sb_small[ov];
+            int use_small = (C % big && !(C % small)) || C <= small;
+            int sb = use_small ? small : big;
+            wg_block_fn block = use_small ? wg_small[ov] : wg_big[ov];
             for (int64_t c0 = 0; c0 < C; c0 += sb) {
-                const float* xs[12];
+                const float* xs[SB_MAX];
                 for (int i = 0; i < sb; i++)
                     xs[i] = c0 + i < C ? x + ((n * C + c0 + i) * D + sq) * P + dh * W + dw : zeros;
-                float* out = accw + (c0 * T + t) * O + o0;
-                const float* gt = gT + o0;
-                int64_t os = T * O;
-                switch (ov * 100 + sb) {
-                    case 406: wg_block_4_6(xs, gt, O, W, h0, h1, w0, w1, ha, wa, cw, out, os); break;
-                    case 404: wg_block_4_4(xs, gt, O, W, h0, h1, w0, w1, ha, wa, cw, out, os); break;
-                    case 308: wg_block_3_8(xs, gt, O, W, h0, h1, w0, w1, ha, wa, cw, out, os); break;
-                    case 212: wg_block_2_12(xs, gt, O, W, h0, h1, w0, w1, ha, wa, cw, out, os); break;
-                    case 208: wg_block_2_8(xs, gt, O, W, h0, h1, w0, w1, ha, wa, cw, out, os); break;
-                    case 112: wg_block_1_12(xs, gt, O, W, h0, h1, w0, w1, ha, wa, cw, out, os); break;
-                    default: wg_block_1_8(xs, gt, O, W, h0, h1, w0, w1, ha, wa, cw, out, os); break;
-                }
+                block(xs, gT + o0, O, W, h0, h1, w0, w1, ha, wa, cw, accw + (c0 * T + t) * O + o0,
+                      T * O);
             }
         }
     }
 }
 
-static int wg_channels(const float* x, const float* g, float* gw, float* gb, int64_t N, int64_t C,
-                      int64_t D, int64_t H, int64_t W, int64_t O, int64_t Do, int64_t T,
-                      const int64_t* taps, int nthreads) {
-    /* per thread: (C + 12, T, O) weight sums (rows past C take the zero channels that pad
+static int wg_channels(const tap_geometry* g, const float* x, const float* gy, float* gw,
+                       float* gb) {
+    const int64_t N = g->N, C = g->C, H = g->H, W = g->W, O = g->O, Do = g->Do, T = g->T;
+    const int nthreads = (int)g->nthreads;
+    /* per thread: (C + SB_MAX, T, O) weight sums (rows past C take the zero channels that pad
        the last block), then O bias sums */
-    int64_t P = H * W, G = (C + 12) * T * O;
+    int64_t P = H * W, G = (C + SB_MAX) * T * O;
     /* g goes position-major a rectangle at a time, at most WG_CHUNK values: whole rows
        while they fit, else pieces of one row */
     int64_t ch = 1, cw = W;
@@ -353,7 +551,7 @@ static int wg_channels(const float* x, const float* g, float* gw, float* gb, int
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
-        float* gT = (float*)aligned_alloc(64, sizeof(float) * ch * cw * O);
+        float* gT = (float*)alloc64(sizeof(float) * ch * cw * O);
         if (!failed && !gT) {
 #pragma omp atomic write
             failed = 1;
@@ -365,12 +563,11 @@ static int wg_channels(const float* x, const float* g, float* gw, float* gb, int
 #pragma omp for schedule(static)
             for (int64_t job = 0; job < N * Do; job++) {
                 int64_t n = job / Do, q = job % Do;
-                const float* gq = g + (n * O * Do + q) * P;
+                const float* gq = gy + (n * O * Do + q) * P;
                 for (int64_t ha = 0; ha < H; ha += ch)
                     for (int64_t wa = 0; wa < W; wa += cw) {
                         int64_t hb = ha + ch < H ? ha + ch : H, wb = wa + cw < W ? wa + cw : W;
-                        wg_rect(x, gq, gT, accw, accb, n, q, C, D, H, W, O, Do, T, taps, zeros,
-                                ha, hb, wa, wb, cw);
+                        wg_rect(g, x, gq, gT, accw, accb, n, q, zeros, ha, hb, wa, wb, cw);
                     }
             }
         }
@@ -396,12 +593,9 @@ static int wg_channels(const float* x, const float* g, float* gw, float* gb, int
 
 /* gwp[c, t, o] = sum_{n, q, p} g[n, o, q, p] * x[n, c, q + dq_t, p + off_t], and
  * gb[o] = sum g[n, o, q, p] unless gb is NULL. Returns 0, or -1 if out of memory. */
-int tap_weight_grad(const float* x, const float* g, float* gwp, float* gb, int64_t N, int64_t C,
-                    int64_t D, int64_t H, int64_t W, int64_t O, int64_t Do, int64_t T,
-                    const int64_t* taps, int nthreads) {
-    /* Channels in the lanes when they fill at least two vectors: then each position's
-       products stay in registers. Fewer, and the lanes hold positions. */
-    if (O % 16 == 0 && O >= 32)
-        return wg_channels(x, g, gwp, gb, N, C, D, H, W, O, Do, T, taps, nthreads);
-    return wg_lanes(x, g, gwp, gb, N, C, D, H, W, O, Do, T, taps, nthreads);
+int tap_weight_grad(const tap_geometry* g, const float* x, const float* gy, float* gwp,
+                    float* gb) {
+    if (tap_weight_grad_variant(g->C, g->O, g->T) == WG_CHANNELS)
+        return wg_channels(g, x, gy, gwp, gb);
+    return wg_positions(g, x, gy, gwp, gb);
 }
