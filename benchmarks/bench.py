@@ -55,9 +55,9 @@ from torch.nn.utils import parametrize, prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maskparam import _tap_kernel
 from maskparam.apply import apply_mask, remove_mask
 from maskparam.taps import empty_cache, kernel_status
+from maskparam.taps import kernel as tap_kernel
 
 Fn = Callable[[], object]
 
@@ -321,15 +321,15 @@ PROBE_RUNS = 100
 
 def _probe_library() -> ctypes.CDLL | None:
     """The probe, built for the tap kernel's instruction set; None where it does not run."""
-    isa = _tap_kernel.isa()
+    isa = tap_kernel.isa()
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if isa is None or compiler is None:
         return None
-    lanes = _tap_kernel.sizes()["lanes"]
+    lanes = tap_kernel.sizes()["lanes"]
     with tempfile.TemporaryDirectory() as tmp:
         src, lib_path = Path(tmp) / "probe.c", Path(tmp) / "probe.so"
         src.write_text(PROBE)
-        flags = [*_tap_kernel.FLAGS, *_tap_kernel.ISAS[isa][1], f"-DLANES={lanes}"]
+        flags = [*tap_kernel.FLAGS, *tap_kernel.ISAS[isa][1], f"-DLANES={lanes}"]
         subprocess.run([compiler, *flags, "-o", str(lib_path), str(src)], check=True)
         lib = ctypes.CDLL(str(lib_path))
     lib.fma_probe.argtypes = [ctypes.c_int64, ctypes.c_int]
@@ -362,7 +362,7 @@ def fma_probe_step(threads: int, iters: int = 2_000_000) -> tuple[Fn, float] | N
     lib = _probe_library()
     if lib is None:
         return None
-    lanes = _tap_kernel.sizes()["lanes"]
+    lanes = tap_kernel.sizes()["lanes"]
     return lambda: lib.fma_probe(iters, threads), 2 * lanes * 12 * iters * threads
 
 
@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
         peak = fma_peak(threads)
         if peak is not None:
             print(
-                f"FMA peak probe ({_tap_kernel.isa()}, {threads} threads): {peak:.0f} GFLOP/s, "
+                f"FMA peak probe ({tap_kernel.isa()}, {threads} threads): {peak:.0f} GFLOP/s, "
                 f"the best of {PROBE_RUNS} short runs; %peak below is per round, against "
                 "the probe timed among the variants"
             )

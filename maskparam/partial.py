@@ -305,7 +305,8 @@ def _maps(
     mask = _mask_of(conv)
     key: tuple[Any, ...] = ()
     # A trace records what runs: computed maps keep the traced graph the same on every call.
-    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    jit_tracing = bool(torch.jit.is_tracing())  # type: ignore[attr-defined, no-untyped-call]
+    tracing = torch.compiler.is_compiling() or jit_tracing
     use_cache = cache and validity is None and not tracing
     if use_cache:
         key = (

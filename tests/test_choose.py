@@ -11,10 +11,11 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from maskparam import _tap_kernel, checkpoint, taps
+from maskparam import checkpoint, taps
 from maskparam.apply import apply_mask
 from maskparam.masks import cross
 from maskparam.taps import choose, paths
+from maskparam.taps import kernel as tap_kernel
 from maskparam.taps.choose import RULES
 
 PLUS = cross(3, ndim=2)
@@ -69,7 +70,7 @@ def test_explain_names_the_path_and_the_rule(
     make: object, x: torch.Tensor, path: str, rule: str
 ) -> None:
     layer = tapped(make())  # type: ignore[operator]
-    if path == "kernel" and _tap_kernel.library() is None:
+    if path == "kernel" and tap_kernel.library() is None:
         path, rule = "fused", "CPU"
     explained = taps.explain(layer, x)
     assert (explained.path, explained.rule) == (path, rule)

@@ -12,13 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "maskparam"
 
 # Edges allowed for now, each with its reason; every entry must still exist (so that it is
 # removed as soon as it is not needed).
-TRANSITIONAL = {
-    ("maskparam._tap_kernel", "maskparam._taps_kernels"): (
-        "the kernel's double backward imports _composite_grads from the old module name, a "
-        "shim that re-exports maskparam.taps.reference.composite_grads; it goes when the "
-        "kernel moves into maskparam/taps"
-    ),
-}
+TRANSITIONAL: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:
@@ -122,8 +116,6 @@ def test_the_rest_of_the_package_imports_only_the_taps_init() -> None:
         if module == "maskparam.taps" or module.startswith("maskparam.taps."):
             continue
         inside = {t for t in targets if t.startswith("maskparam.taps.")}
-        if module == "maskparam._taps_kernels":  # the transitional shim, see TRANSITIONAL
-            continue
         assert not inside, f"{module} imports {sorted(inside)}; import maskparam.taps instead"
 
 

@@ -17,8 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from maskparam import _forward, _tap_kernel, taps
+from maskparam import _forward, taps
 from maskparam.apply import apply_mask
+from maskparam.taps import kernel as tap_kernel
 from tests.strategies import sparse_kernel_masks
 from tests.test_taps import (
     assert_same,
@@ -32,7 +33,7 @@ from tests.test_taps import (
 )
 
 needs_kernel = pytest.mark.skipif(
-    _tap_kernel.library() is None, reason=f"no tap kernel here: {_tap_kernel.status()}"
+    tap_kernel.library() is None, reason=f"no tap kernel here: {tap_kernel.status()}"
 )
 
 
@@ -40,20 +41,20 @@ needs_kernel = pytest.mark.skipif(
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     """Record the input shape of every call of the kernel's forward."""
     calls: list[tuple[int, ...]] = []
-    real = _tap_kernel.TapKernel.apply
+    real = tap_kernel.TapKernel.apply
 
     def counted(x: torch.Tensor, *args: object) -> torch.Tensor:
         calls.append(tuple(x.shape))
         return real(x, *args)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(_tap_kernel.TapKernel, "apply", counted)
+    monkeypatch.setattr(tap_kernel.TapKernel, "apply", counted)
     return calls
 
 
 @pytest.fixture
 def no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """As on a machine without a C compiler: the kernel is unavailable."""
-    monkeypatch.setattr(_tap_kernel, "_state", {"lib": None, "why": "off for this test"})
+    monkeypatch.setattr(tap_kernel, "_state", {"lib": None, "why": "off for this test"})
 
 
 @st.composite
@@ -87,19 +88,19 @@ def check_kernel_matches_dense(
     wanted = data.draw(st.sets(st.sampled_from(["input", "weight", "bias"])))
     dense, tapped = twins(layer, mask, "taps")
     calls: list[int] = []
-    real = _tap_kernel.TapKernel.apply
+    real = tap_kernel.TapKernel.apply
 
     def counted(*args: object) -> torch.Tensor:
         calls.append(1)
         return real(*args)  # type: ignore[no-any-return]
 
-    _tap_kernel.TapKernel.apply = counted  # type: ignore[method-assign]
+    tap_kernel.TapKernel.apply = counted  # type: ignore[method-assign]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # an all-zero mask runs dense
             expected, got = run_some(dense, x, wanted), run_some(tapped, x, wanted)
     finally:
-        _tap_kernel.TapKernel.apply = real  # type: ignore[method-assign]
+        tap_kernel.TapKernel.apply = real  # type: ignore[method-assign]
     assert_same(expected, got, rtol=1e-4, atol=1e-4)
     assert len(calls) == (1 if mask.any() else 0)
 
@@ -161,18 +162,18 @@ def check_shaped_kernel(
 @pytest.fixture(scope="class")
 def avx2_kernel() -> Iterator[None]:
     """The kernel built for AVX2 (with FMA), for the tests of one class; then the usual one."""
-    if not {"avx2", "fma"} <= _tap_kernel._cpu_flags():
+    if not {"avx2", "fma"} <= tap_kernel._cpu_flags():
         pytest.skip("this CPU has no AVX2 with FMA")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MASKPARAM_TAP_ISA", "avx2")
-        _tap_kernel.clear()
+        tap_kernel.clear()
         try:
-            if _tap_kernel.isa() != "avx2":
-                pytest.skip(f"no AVX2 tap kernel here: {_tap_kernel.status()}")
+            if tap_kernel.isa() != "avx2":
+                pytest.skip(f"no AVX2 tap kernel here: {tap_kernel.status()}")
             yield
         finally:
             patch.undo()
-            _tap_kernel.clear()
+            tap_kernel.clear()
 
 
 @pytest.mark.usefixtures("avx2_kernel")
@@ -180,8 +181,8 @@ class TestAVX2:
     """The AVX2 build: other lanes and tiles, masked loads of their own, the same results."""
 
     def test_smoke(self) -> None:
-        assert _tap_kernel.status() == "ready (avx2)"
-        assert _tap_kernel.sizes()["lanes"] == 8
+        assert tap_kernel.status() == "ready (avx2)"
+        assert tap_kernel.sizes()["lanes"] == 8
 
     @given(case=kernel_cases(), data=st.data())
     def test_kernel_matches_dense(
@@ -191,7 +192,7 @@ class TestAVX2:
 
     @pytest.mark.parametrize(("c_in", "c_out"), [(5, 8), (3, 16), (16, 32), (5, 40), (2, 80)])
     def test_both_weight_gradients_match_dense(self, c_in: int, c_out: int) -> None:
-        variant = _tap_kernel.weight_grad_variant(c_in, c_out, 7)
+        variant = tap_kernel.weight_grad_variant(c_in, c_out, 7)
         assert variant == ("channels" if c_out % 8 == 0 and c_out >= 16 else "positions")
         check_shaped_kernel(nn.Conv3d, cross3d(), (2, c_in, 5, 9, 11), c_out, {"padding": 1})
 
@@ -289,7 +290,7 @@ def test_boxes_run_without_the_kernel(
     assert_same(run(dense, x), run(tapped, x), rtol=1e-4, atol=1e-4)
     assert box_calls == [3]
     assert kernel_calls == []
-    assert _tap_kernel.status() == "off for this test"
+    assert tap_kernel.status() == "off for this test"
 
 
 @needs_kernel
@@ -368,7 +369,7 @@ def test_fragmented_mask_double_backward_matches_dense() -> None:
 
 
 def test_tap_table_offsets_and_indices() -> None:
-    offsets, index = _tap_kernel.tap_table(((0, 0), (0, 2), (1, 1)), (2, 3), (1, 2), (0, 2))
+    offsets, index = tap_kernel.tap_table(((0, 0), (0, 2), (1, 1)), (2, 3), (1, 2), (0, 2))
     assert offsets.tolist() == [[0, 0, -2], [0, 0, 2], [0, 1, 0]]
     assert index.tolist() == [0, 2, 4]
 
@@ -377,7 +378,7 @@ def test_tap_table_offsets_and_indices() -> None:
 
 
 def _status_in_subprocess(env: dict[str, str]) -> str:
-    code = "from maskparam import _tap_kernel; print(_tap_kernel.status())"
+    code = "from maskparam.taps import kernel; print(kernel.status())"
     done = subprocess.run(
         [sys.executable, "-c", code],
         env={**os.environ, **env},
@@ -397,10 +398,10 @@ def test_switched_off_by_the_environment() -> None:
 
 @needs_kernel
 def test_compiles_into_the_cache_folder(tmp_path: os.PathLike[str]) -> None:
-    ready = f"ready ({_tap_kernel.isa()})"
+    ready = f"ready ({tap_kernel.isa()})"
     assert _status_in_subprocess({"MASKPARAM_CACHE_DIR": str(tmp_path)}) == ready
     built = list(os.scandir(tmp_path))
-    assert [entry.name.startswith(f"tapconv-{_tap_kernel.isa()}-") for entry in built] == [True]
+    assert [entry.name.startswith(f"tapconv-{tap_kernel.isa()}-") for entry in built] == [True]
     # Built once: a second process loads it as it is.
     mtime = built[0].stat().st_mtime_ns
     assert _status_in_subprocess({"MASKPARAM_CACHE_DIR": str(tmp_path)}) == ready
@@ -427,11 +428,11 @@ def test_a_missing_compiler_is_a_reason_not_an_error(tmp_path: os.PathLike[str])
 def test_a_missing_source_is_a_reason_not_an_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]
 ) -> None:
-    monkeypatch.setattr(_tap_kernel, "_state", {})
-    monkeypatch.setattr(_tap_kernel, "SOURCE", Path(tmp_path) / "missing.c")
+    monkeypatch.setattr(tap_kernel, "_state", {})
+    monkeypatch.setattr(tap_kernel, "SOURCE", Path(tmp_path) / "missing.c")
     monkeypatch.setenv("MASKPARAM_CACHE_DIR", str(tmp_path))
-    assert _tap_kernel.library() is None
-    assert not _tap_kernel.status().startswith("ready")
+    assert tap_kernel.library() is None
+    assert not tap_kernel.status().startswith("ready")
     layer = apply_mask(nn.Conv3d(2, 4, 3, padding=1), cross3d(), execution="taps")
     assert layer(torch.randn(1, 2, 4, 4, 4)).shape == (1, 4, 4, 4, 4)
 
@@ -439,7 +440,7 @@ def test_a_missing_source_is_a_reason_not_an_error(
 def test_masked_layer_works_where_the_kernel_cannot_be_built(tmp_path: os.PathLike[str]) -> None:
     code = (
         "import torch, warnings; from torch import nn; from maskparam import apply_mask\n"
-        "from maskparam import _tap_kernel\n"
+        "from maskparam.taps import kernel as tap_kernel\n"
         "import copy\n"
         "conv = nn.Conv3d(2, 3, 3, padding=1); dense = copy.deepcopy(conv)\n"
         "m = torch.zeros(3, 3, 3, dtype=torch.bool); m[1, 1, :] = m[1, :, 1] = m[:, 1, 1] = True\n"
@@ -447,7 +448,7 @@ def test_masked_layer_works_where_the_kernel_cannot_be_built(tmp_path: os.PathLi
         "with warnings.catch_warnings():\n"
         "    warnings.simplefilter('error'); apply_mask(conv, m, execution='taps')\n"
         "    x = torch.randn(1, 2, 4, 4, 4); torch.testing.assert_close(conv(x), dense(x))\n"
-        "print(_tap_kernel.status())\n"
+        "print(tap_kernel.status())\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
@@ -542,7 +543,7 @@ def test_custom_ops_pass_opcheck() -> None:
     x = torch.randn(2, 3, 4, 5, 6, requires_grad=True)
     w = torch.where(cross3d(), torch.randn(8, 3, 3, 3, 3), 0).requires_grad_()
     b = torch.randn(8, requires_grad=True)
-    offsets, index = _tap_kernel.tap_table(
+    offsets, index = tap_kernel.tap_table(
         tuple(map(tuple, cross3d().nonzero().tolist())), (3, 3, 3), (1, 1, 1), (1, 1, 1)
     )
     torch.library.opcheck(torch.ops.maskparam.tap_conv, (x, w, b, offsets, index, [4, 5, 6]))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from maskparam import _tap_kernel
+from maskparam.taps import kernel as tap_kernel
 
 HARNESS = Path(__file__).with_name("c") / "test_tapconv.c"
 NEON_SCRIPT = Path(__file__).with_name("c") / "run_neon.sh"
@@ -22,17 +22,17 @@ NEON_SCRIPT = Path(__file__).with_name("c") / "run_neon.sh"
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "neon"])
 def test_kernel_matches_naive_conv(isa: str, tmp_path: Path) -> None:
     machine = platform.machine().lower()
-    native = isa in _tap_kernel._MACHINE_ISAS.get(machine, ())
+    native = isa in tap_kernel._MACHINE_ISAS.get(machine, ())
     if native:
-        needs = _tap_kernel.ISAS[isa][0]
-        if not set(needs) <= _tap_kernel._cpu_flags():
+        needs = tap_kernel.ISAS[isa][0]
+        if not set(needs) <= tap_kernel._cpu_flags():
             pytest.skip(f"this CPU lacks {isa}")
         compiler = shutil.which("cc")
         if compiler is None:
             pytest.skip("no C compiler")
-        flags = [f for f in _tap_kernel.FLAGS if f not in ("-shared", "-fPIC")]
+        flags = [f for f in tap_kernel.FLAGS if f not in ("-shared", "-fPIC")]
         binary = tmp_path / "test_tapconv"
-        build = [compiler, *flags, *_tap_kernel.ISAS[isa][1], "-Wall", "-Werror", "-o"]
+        build = [compiler, *flags, *tap_kernel.ISAS[isa][1], "-Wall", "-Werror", "-o"]
         subprocess.run([*build, str(binary), str(HARNESS), "-lm"], check=True, timeout=120)
         command = [str(binary)]
     elif isa == "neon":

@@ -16,13 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-from maskparam import _tap_kernel
 from maskparam.apply import apply_mask
+from maskparam.taps import kernel as tap_kernel
 from tests.test_taps import cross3d
 
-NATIVE = _tap_kernel.isa()
+NATIVE = tap_kernel.isa()
 needs_kernel = pytest.mark.skipif(
-    NATIVE is None, reason=f"no tap kernel here: {_tap_kernel.status()}"
+    NATIVE is None, reason=f"no tap kernel here: {tap_kernel.status()}"
 )
 FOREIGN_UID = 4242
 
@@ -32,10 +32,10 @@ def fresh_kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test loads the kernel as a new process would; the next test, as before."""
     for name in ("MASKPARAM_TAP_KERNEL", "MASKPARAM_TAP_ISA", "CC"):
         monkeypatch.delenv(name, raising=False)
-    _tap_kernel.clear()
+    tap_kernel.clear()
     yield
     monkeypatch.undo()
-    _tap_kernel.clear()
+    tap_kernel.clear()
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def a_kernel_layer_matches_dense() -> bool:
 
 def status_in_a_new_process() -> str:
     """What a new process says (this one keeps every library it loaded, by path)."""
-    code = "from maskparam import _tap_kernel; print(_tap_kernel.status())"
+    code = "from maskparam.taps import kernel; print(kernel.status())"
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
     )
@@ -75,15 +75,15 @@ def only_the_library(folder: Path) -> list[str]:
 @pytest.mark.parametrize("value", ["0", "false", "FALSE", "no", "Off", " off "])
 def test_switch_off(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MASKPARAM_TAP_KERNEL", value)
-    assert _tap_kernel.library() is None
-    assert _tap_kernel.status() == f"MASKPARAM_TAP_KERNEL={value} turns it off"
+    assert tap_kernel.library() is None
+    assert tap_kernel.status() == f"MASKPARAM_TAP_KERNEL={value} turns it off"
 
 
 @needs_kernel
 @pytest.mark.parametrize("value", ["1", "true", "True", "yes", "ON", ""])
 def test_switch_on(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MASKPARAM_TAP_KERNEL", value)
-    assert _tap_kernel.status() == f"ready ({NATIVE})"
+    assert tap_kernel.status() == f"ready ({NATIVE})"
 
 
 @needs_kernel
@@ -93,17 +93,17 @@ def test_exception_an_unknown_value_warns_once_and_is_ignored(
 ) -> None:
     monkeypatch.setenv(name, "maybe")
     with pytest.warns(RuntimeWarning, match=f"{name} takes one of .*got 'maybe'") as record:
-        _tap_kernel.library()
+        tap_kernel.library()
     assert len(record) == 1
-    assert _tap_kernel.status() == f"ready ({NATIVE})"
+    assert tap_kernel.status() == f"ready ({NATIVE})"
 
 
 # -- the instruction set ----------------------------------------------------------------------
 
 
 def pretend_cpu(monkeypatch: pytest.MonkeyPatch, machine: str, flags: set[str]) -> None:
-    monkeypatch.setattr(_tap_kernel.platform, "machine", lambda: machine)
-    monkeypatch.setattr(_tap_kernel, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(tap_kernel.platform, "machine", lambda: machine)
+    monkeypatch.setattr(tap_kernel, "_cpu_flags", lambda: flags)
 
 
 @needs_kernel
@@ -113,22 +113,22 @@ def test_forced_isa(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if isa.lower() == "avx512" and NATIVE != "avx512":
         pytest.skip("this CPU has no AVX-512")
     monkeypatch.setenv("MASKPARAM_TAP_ISA", isa)
-    assert _tap_kernel.status() == f"ready ({isa.lower()})"
-    assert _tap_kernel.sizes()["lanes"] == {"avx2": 8, "avx512": 16}[isa.lower()]
-    assert _tap_kernel.cache_path().name.startswith(f"tapconv-{isa.lower()}-")
+    assert tap_kernel.status() == f"ready ({isa.lower()})"
+    assert tap_kernel.sizes()["lanes"] == {"avx2": 8, "avx512": 16}[isa.lower()]
+    assert tap_kernel.cache_path().name.startswith(f"tapconv-{isa.lower()}-")
     assert a_kernel_layer_matches_dense()
 
 
 def test_exception_a_forced_isa_the_cpu_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
     pretend_cpu(monkeypatch, "x86_64", {"sse2", "avx", "avx2", "fma"})
     monkeypatch.setenv("MASKPARAM_TAP_ISA", "avx512")
-    assert _tap_kernel.library() is None
-    assert _tap_kernel.status() == (
+    assert tap_kernel.library() is None
+    assert tap_kernel.status() == (
         "MASKPARAM_TAP_ISA=avx512 asks for an instruction set this CPU lacks "
         "(no avx512f among its flags)"
     )
     with pytest.raises(RuntimeError, match="no tap kernel can be built here"):
-        _tap_kernel.cache_path()
+        tap_kernel.cache_path()
     # and the layers run all the same, in boxes
     layer = apply_mask(nn.Conv3d(2, 4, 3, padding=1), cross3d(), execution="taps")
     assert layer(torch.randn(1, 2, 4, 4, 4)).shape == (1, 4, 4, 4, 4)
@@ -137,7 +137,7 @@ def test_exception_a_forced_isa_the_cpu_lacks(monkeypatch: pytest.MonkeyPatch) -
 def test_exception_a_forced_isa_of_another_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     pretend_cpu(monkeypatch, "x86_64", {"avx2", "fma", "avx512f"})
     monkeypatch.setenv("MASKPARAM_TAP_ISA", "neon")
-    assert _tap_kernel.status() == (
+    assert tap_kernel.status() == (
         "MASKPARAM_TAP_ISA=neon asks for an instruction set that x86_64 CPUs lack"
     )
 
@@ -154,7 +154,7 @@ def test_the_best_isa_of_the_cpu(
     machine: str, flags: set[str], chosen: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pretend_cpu(monkeypatch, machine, flags)
-    assert _tap_kernel._choose_isa() == chosen
+    assert tap_kernel._choose_isa() == chosen
 
 
 @pytest.mark.parametrize(
@@ -168,7 +168,7 @@ def test_exception_no_isa(
     machine: str, flags: set[str], why: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pretend_cpu(monkeypatch, machine, flags)
-    assert _tap_kernel.status() == why
+    assert tap_kernel.status() == why
 
 
 # -- the cache --------------------------------------------------------------------------------
@@ -176,10 +176,10 @@ def test_exception_no_isa(
 
 @needs_kernel
 def test_cache_folder_is_created_private(cache: Path) -> None:
-    assert _tap_kernel.status() == f"ready ({NATIVE})"
+    assert tap_kernel.status() == f"ready ({NATIVE})"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
-    assert only_the_library(cache) == [_tap_kernel.cache_path().name]
-    assert stat.S_IMODE(_tap_kernel.cache_path().stat().st_mode) == 0o700
+    assert only_the_library(cache) == [tap_kernel.cache_path().name]
+    assert stat.S_IMODE(tap_kernel.cache_path().stat().st_mode) == 0o700
 
 
 def build_elsewhere(path: Path, *flags: str, source: str | None = None) -> None:
@@ -187,11 +187,11 @@ def build_elsewhere(path: Path, *flags: str, source: str | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         src = Path(scratch) / "lib.c"
         if source is None:
-            shutil.copy(_tap_kernel.SOURCE, src)
+            shutil.copy(tap_kernel.SOURCE, src)
         else:
             src.write_text(source)
-        isa = _tap_kernel._choose_isa()
-        command = ["cc", *_tap_kernel.FLAGS, *_tap_kernel.ISAS[isa][1], *flags, "-o"]
+        isa = tap_kernel._choose_isa()
+        command = ["cc", *tap_kernel.FLAGS, *tap_kernel.ISAS[isa][1], *flags, "-o"]
         subprocess.run([*command, str(path), str(src)], check=True, timeout=120)
     os.chmod(path, 0o700)
 
@@ -206,7 +206,7 @@ def build_elsewhere(path: Path, *flags: str, source: str | None = None) -> None:
     ],
 )
 def test_a_bad_library_at_the_cached_path_is_rebuilt(planted: str, why: str, cache: Path) -> None:
-    path = _tap_kernel.cache_path()
+    path = tap_kernel.cache_path()
     cache.mkdir(mode=0o700)
     if planted == "garbage":
         path.write_bytes(b"not a shared library")
@@ -215,7 +215,7 @@ def test_a_bad_library_at_the_cached_path_is_rebuilt(planted: str, why: str, cac
         build_elsewhere(path, source="int unrelated(void) { return 1; }\n")
     else:
         build_elsewhere(path, "-DTAP_BUILD_KEY=42")
-    status = _tap_kernel.status()
+    status = tap_kernel.status()
     assert status.startswith(f"ready ({NATIVE}; rebuilt {path.name}: the cached one {why}")
     assert a_kernel_layer_matches_dense()
     # The rebuilt one replaced it: the next process loads it as it is.
@@ -243,26 +243,26 @@ def make_foreign(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         result = real_lstat(p, *args, **kwargs)  # type: ignore[arg-type]
         return foreign(result) if Path(str(p)) == path else result
 
-    monkeypatch.setattr(_tap_kernel.os, "stat", fake_stat)
-    monkeypatch.setattr(_tap_kernel.os, "lstat", fake_lstat)
+    monkeypatch.setattr(tap_kernel.os, "stat", fake_stat)
+    monkeypatch.setattr(tap_kernel.os, "lstat", fake_lstat)
 
 
 @needs_kernel
 def test_a_library_of_another_user_is_not_loaded(
     cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = _tap_kernel.cache_path()
+    path = tap_kernel.cache_path()
     cache.mkdir(mode=0o700)
     # A library that would be loaded, but for its owner: a constructor that leaves a mark.
     marker = cache.parent / "constructor-ran"
-    key = _tap_kernel._plan()[3]
-    source = _tap_kernel.SOURCE.read_text() + (
+    key = tap_kernel._plan()[3]
+    source = tap_kernel.SOURCE.read_text() + (
         "\n#include <stdio.h>\n__attribute__((constructor)) static void mark(void) {\n"
         f'    FILE* f = fopen("{marker}", "w"); if (f) fclose(f);\n}}\n'
     )
     build_elsewhere(path, f"-DTAP_BUILD_KEY={key:#x}ULL", source=source)
     make_foreign(path, monkeypatch)
-    status = _tap_kernel.status()
+    status = tap_kernel.status()
     assert status.startswith(
         f"ready ({NATIVE}; rebuilt {path.name}: the cached one belongs to uid {FOREIGN_UID}, "
         "not to this user"
@@ -277,7 +277,7 @@ def test_a_folder_of_another_user_is_not_used(
 ) -> None:
     cache.mkdir(mode=0o700)
     make_foreign(cache, monkeypatch)
-    status = _tap_kernel.status()
+    status = tap_kernel.status()
     assert status.startswith(f"ready ({NATIVE}; built in a private temporary folder, since")
     assert f"the folder {cache} belongs to uid {FOREIGN_UID}" in status
     assert only_the_library(cache) == []
@@ -289,7 +289,7 @@ def test_a_folder_of_another_user_is_not_used(
 def test_a_folder_others_may_write_is_not_used(mode: int, cache: Path) -> None:
     cache.mkdir()
     cache.chmod(mode)
-    status = _tap_kernel.status()
+    status = tap_kernel.status()
     assert status == (
         f"ready ({NATIVE}; built in a private temporary folder, since the folder {cache} "
         f"is writable by its group or others (mode {mode:#o}))"
@@ -300,8 +300,8 @@ def test_a_folder_others_may_write_is_not_used(mode: int, cache: Path) -> None:
 
 @needs_kernel
 def test_a_library_others_may_write_is_rebuilt(cache: Path) -> None:
-    assert _tap_kernel.status() == f"ready ({NATIVE})"
-    path = _tap_kernel.cache_path()
+    assert tap_kernel.status() == f"ready ({NATIVE})"
+    path = tap_kernel.cache_path()
     path.chmod(0o722)
     assert status_in_a_new_process() == (
         f"ready ({NATIVE}; rebuilt {path.name}: the cached one is writable by its group or "
@@ -313,12 +313,12 @@ def test_a_library_others_may_write_is_rebuilt(cache: Path) -> None:
 
 @needs_kernel
 def test_a_symlink_at_the_cached_path_is_not_followed(cache: Path, tmp_path: Path) -> None:
-    path = _tap_kernel.cache_path()
+    path = tap_kernel.cache_path()
     cache.mkdir(mode=0o700)
     elsewhere = tmp_path / "elsewhere.so"
     build_elsewhere(elsewhere)
     path.symlink_to(elsewhere)
-    assert "is not a plain file" in _tap_kernel.status()
+    assert "is not a plain file" in tap_kernel.status()
     assert not path.is_symlink()
 
 
@@ -334,8 +334,8 @@ def test_a_read_only_folder_is_not_written(cache: Path, monkeypatch: pytest.Monk
                 raise PermissionError(13, "Permission denied")
             return real(*args, dir=dir, **kwargs)  # type: ignore[call-overload,no-any-return]
 
-        monkeypatch.setattr(_tap_kernel.tempfile, "mkstemp", refuse)
-    status = _tap_kernel.status()
+        monkeypatch.setattr(tap_kernel.tempfile, "mkstemp", refuse)
+    status = tap_kernel.status()
     assert status == (
         f"ready ({NATIVE}; built in a private temporary folder, since {cache} cannot be "
         "written (Permission denied))"
@@ -350,9 +350,9 @@ def test_exception_no_folder_can_be_written(cache: Path, monkeypatch: pytest.Mon
     def refuse(*args: object, **kwargs: object) -> tuple[int, str]:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(_tap_kernel.tempfile, "mkstemp", refuse)
-    assert _tap_kernel.library() is None
-    assert _tap_kernel.status().endswith("cannot be written (Permission denied)")
+    monkeypatch.setattr(tap_kernel.tempfile, "mkstemp", refuse)
+    assert tap_kernel.library() is None
+    assert tap_kernel.status().endswith("cannot be written (Permission denied)")
     layer = apply_mask(nn.Conv3d(2, 4, 3, padding=1), cross3d(), execution="taps")
     assert layer(torch.randn(1, 2, 4, 4, 4)).shape == (1, 4, 4, 4, 4)
 
@@ -370,8 +370,8 @@ def test_exception_a_compiler_that_builds_a_library_without_the_kernel(
     )
     fake.chmod(0o700)
     monkeypatch.setenv("CC", str(fake))
-    assert _tap_kernel.library() is None
-    assert _tap_kernel.status() == "the library just built lacks the symbol tap_build_key"
+    assert tap_kernel.library() is None
+    assert tap_kernel.status() == "the library just built lacks the symbol tap_build_key"
     assert only_the_library(cache) == []
     # and apply_mask works all the same: the boxes run it
     layer = apply_mask(nn.Conv3d(2, 4, 3, padding=1), cross3d(), execution="taps")
@@ -380,7 +380,7 @@ def test_exception_a_compiler_that_builds_a_library_without_the_kernel(
 
 def build_in_a_new_process(folder: str) -> tuple[str, bool]:
     os.environ["MASKPARAM_CACHE_DIR"] = folder
-    return _tap_kernel.status(), a_kernel_layer_matches_dense()
+    return tap_kernel.status(), a_kernel_layer_matches_dense()
 
 
 @needs_kernel
@@ -389,5 +389,5 @@ def test_four_processes_building_at_once(cache: Path) -> None:
     with spawn.Pool(4) as pool:
         results = pool.map(build_in_a_new_process, [str(cache)] * 4)
     assert results == [(f"ready ({NATIVE})", True)] * 4
-    assert only_the_library(cache) == [_tap_kernel.cache_path().name]
+    assert only_the_library(cache) == [tap_kernel.cache_path().name]
     assert status_in_a_new_process() == f"ready ({NATIVE})"  # loads it as it is: whole

@@ -14,11 +14,12 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
-from maskparam import _forward, _tap_kernel, taps
+from maskparam import _forward, taps
 from maskparam.apply import apply_mask, remove_mask, set_mask
 from maskparam.taps import Box, TapExecution, decompose, memory, paths, plan, spatial_support
 from maskparam.taps import auto as auto_module
 from maskparam.taps import boxes as boxes_module
+from maskparam.taps import kernel as tap_kernel
 from maskparam.taps.memory import Scratch
 from tests.strategies import (
     ConvCase,
@@ -59,12 +60,12 @@ def covered(boxes: tuple[Box, ...]) -> list[tuple[int, ...]]:
 @contextlib.contextmanager
 def kernel_off() -> Iterator[None]:
     """Run as on a machine where the compiled kernel is unavailable: the boxes only."""
-    saved = _tap_kernel._state
-    _tap_kernel._state = {"lib": None, "why": "off for this test"}
+    saved = tap_kernel._state
+    tap_kernel._state = {"lib": None, "why": "off for this test"}
     try:
         yield
     finally:
-        _tap_kernel._state = saved
+        tap_kernel._state = saved
 
 
 def twins(layer: nn.Module, mask: torch.Tensor, execution: str) -> tuple[nn.Module, nn.Module]:

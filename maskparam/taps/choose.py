@@ -13,9 +13,10 @@ from typing import Any, NamedTuple, Protocol, cast
 import torch
 from torch import Tensor, nn
 
-from maskparam import _checks, _compat, _tap_kernel
+from maskparam import _checks, _compat
 from maskparam.parametrizations import FixedMask
 from maskparam.taps import auto
+from maskparam.taps import kernel as tap_kernel
 from maskparam.taps.boxes import Box
 from maskparam.taps.memory import is_channels_last
 from maskparam.taps.plan import box_plan, count, geometry, lift
@@ -121,7 +122,7 @@ class Call:
         plan_of = box_plan.__wrapped__ if self.compiling else box_plan  # cached in eager mode
         out_size = plan_of(boxes, geo, tuple(x.shape[2:]), tuple(w.shape[2:]), one_d).out_size
         out_cl = not one_d and (is_channels_last(x) or is_channels_last(self.weight))
-        return _tap_kernel.applies(
+        return tap_kernel.applies(
             x, w, self.bias, geo.stride, geo.groups, out_size, out_cl, count(boxes)
         )
 

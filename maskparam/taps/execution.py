@@ -16,8 +16,9 @@ from typing import Any, Literal, cast, get_args
 import torch
 from torch import Tensor, nn
 
-from maskparam import _checks, _compat, _forward, _tap_kernel
+from maskparam import _checks, _compat, _forward
 from maskparam._forward import BIAS_MODE_ATTR, EXECUTION_ATTR
+from maskparam.taps import kernel as tap_kernel
 from maskparam.taps import paths
 from maskparam.taps.boxes import MAX_BOXES, Box, decompose, spatial_support
 from maskparam.taps.choose import Call, choose, outermost
@@ -137,7 +138,7 @@ class TapExecution:
             and module.groups == 1
             and all(s == 1 for s in module.stride)
             and module.padding_mode == "zeros"
-            and _tap_kernel.library() is not None
+            and tap_kernel.library() is not None
         )
 
     @property
@@ -225,18 +226,21 @@ def empty_cache() -> None:
 
 
 def kernel_status() -> str:
-    """``"ready"`` if the tap kernel runs here, else why not; builds it if need be.
+    """``"ready (<isa>)"`` if the tap kernel runs here, else why not; builds it if need be.
 
-    The kernel needs an x86-64 CPU with AVX-512 and a C compiler (``$CC``, else ``cc``); it
-    is compiled once, at its first use, into ``$MASKPARAM_CACHE_DIR`` (by default
-    ``~/.cache/maskparam``), in under a second. ``MASKPARAM_TAP_KERNEL=0`` switches it off.
-    Without it, ``execution="taps"`` runs the boxes: the same results, more slowly.
+    The kernel needs a CPU with AVX-512, AVX2 and FMA (x86-64) or NEON (ARM64), and a C
+    compiler (``$CC``, else ``cc``); it is compiled once per instruction set, at its first
+    use, into a private cache (``$MASKPARAM_CACHE_DIR``, by default ``~/.cache/maskparam``),
+    in about a second, and a cached library is loaded only if maskparam can trust it.
+    ``MASKPARAM_TAP_KERNEL=0`` switches it off and ``MASKPARAM_TAP_ISA`` forces an
+    instruction set. Without it, ``execution="taps"`` runs the boxes: the same results, more
+    slowly.
 
     Example:
         >>> kernel_status()  # doctest: +SKIP
-        'ready'
+        'ready (avx512)'
     """
-    return _tap_kernel.status()
+    return tap_kernel.status()
 
 
 def _replan_after_load(module: nn.Module, incompatible_keys: Any) -> None:
@@ -299,7 +303,7 @@ def prepare(
     weight = getattr(module, name)
     if weight.device.type == "cpu" and weight.dtype == torch.float32:
         # Build (or load) the tap kernel now, in eager mode, not inside a torch.compile trace.
-        _tap_kernel.library()
+        tap_kernel.library()
     plan = TapExecution(execution, spatial_support(mask, weight.shape))
     if plan.reason is not None and execution == "taps" and not plan.kernel_may_run(module):
         _warn_fallback(module, plan.reason)

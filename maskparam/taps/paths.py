@@ -2,7 +2,7 @@
 
 - ``"dense"``: the layer's own convolution.
 - ``"dense_cl"``: the same, in channels-last layout (``execution="auto"`` may pick it).
-- ``"kernel"``: the compiled tap kernel (:mod:`maskparam._tap_kernel`), in eager mode.
+- ``"kernel"``: the compiled tap kernel (:mod:`maskparam.taps.kernel`), in eager mode.
 - ``"kernel_op"``: the same kernel as the custom op ``maskparam::tap_conv``, under
   :func:`torch.compile`.
 - ``"fused"``: the boxes on the CPU with a hand-written backward (:mod:`.fused`).
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maskparam import _compat, _tap_kernel
+from maskparam import _compat
+from maskparam.taps import kernel as tap_kernel
 from maskparam.taps.boxes import Box
 from maskparam.taps.choose import box_path
 from maskparam.taps.fused import FusedBoxes
@@ -124,12 +125,12 @@ def run_boxes(
     plan = plan_of(boxes, geo, tuple(x.shape[2:]), tuple(w.shape[2:]), one_d)
     if path in ("kernel", "kernel_op"):
         taps = (active_taps.__wrapped__ if compiling else active_taps)(boxes, one_d)
-        table = _tap_kernel.tap_table.__wrapped__ if compiling else _tap_kernel.tap_table
+        table = tap_kernel.tap_table.__wrapped__ if compiling else tap_kernel.tap_table
         offsets, index = table(taps, tuple(w.shape[2:]), geo.dilation, geo.pad_left)
         if path == "kernel_op":  # a custom op that torch.compile traces as one node
-            y = _tap_kernel.compiled_conv(x, w, bias, offsets, index, plan.out_size)
+            y = tap_kernel.compiled_conv(x, w, bias, offsets, index, plan.out_size)
         else:
-            y = _tap_kernel.TapKernel.apply(  # type: ignore[no-untyped-call]
+            y = tap_kernel.TapKernel.apply(  # type: ignore[no-untyped-call]
                 x, w, bias, offsets, index, plan.out_size, (plan, out_cl, run_reference)
             )
     elif path == "fused":

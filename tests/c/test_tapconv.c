@@ -1,7 +1,7 @@
 /* A standalone test of maskparam's tap kernel against a naive convolution, for any
  * instruction set the kernel builds for: run natively, or for ARM64 under qemu-aarch64
  * (tests/c/run_neon.sh). Exits 0 if every case matches, 1 otherwise; prints each case. */
-#include "../../maskparam/_tapconv.c"
+#include "../../maskparam/taps/tapconv.c"
 
 #include <math.h>
 #include <stdio.h>

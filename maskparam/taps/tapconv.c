@@ -3,7 +3,7 @@
  * AVX2 with FMA (8 lanes), ARM64 NEON (4 lanes). Only the few primitives in "the
  * instruction set" below (masked loads and stores, tile sizes) differ between them.
  *
- * Built at first use by maskparam/_tap_kernel.py (cc -O3 -fopenmp and the flags of one
+ * Built at first use by maskparam/tap_kernel.py (cc -O3 -fopenmp and the flags of one
  * instruction set) and called through ctypes; without a C compiler or a supported CPU,
  * maskparam runs the same layers box by box. tests/c/ builds it standalone.
  *

@@ -1,7 +1,7 @@
 """The compiled active-tap kernel: stride-1 float32 convs on x86-64 (AVX-512, AVX2) and ARM64.
 
 :mod:`maskparam.taps` runs a masked conv through :class:`TapKernel` when :func:`applies`;
-otherwise box by box. The C source, ``_tapconv.c`` beside this file, is written once with
+otherwise box by box. The C source, ``tapconv.c`` beside this file, is written once with
 vector extensions and compiled at first use for one instruction set (:data:`ISAS`: the best
 the CPU has, or ``MASKPARAM_TAP_ISA``) with the system's C compiler (``$CC``, else ``cc``)
 into a cache folder, and loaded with :mod:`ctypes`: no build step at install time, and
@@ -54,7 +54,7 @@ __all__ = [
     "weight_grad_variant",
 ]
 
-SOURCE = Path(__file__).with_name("_tapconv.c")
+SOURCE = Path(__file__).with_name("tapconv.c")
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast")
 """The compiler flags of every build; :data:`ISAS` adds those of the instruction set."""
 
@@ -193,7 +193,7 @@ _SYMBOLS = (
 
 
 class Geometry(ctypes.Structure):
-    """The C side's ``tap_geometry``: the sizes of one call (see ``_tapconv.c``)."""
+    """The C side's ``tap_geometry``: the sizes of one call (see ``tapconv.c``)."""
 
     _fields_ = [
         *((name, ctypes.c_int64) for name in ("N", "C", "D", "H", "W", "O", "Do", "T")),
@@ -584,7 +584,7 @@ class TapKernel(torch.autograd.Function):
 
     # The ctx-first form: a separate setup_context makes every call bind its signature.
     @staticmethod
-    def forward(
+    def forward(  # noqa: D102 - the autograd.Function protocol
         ctx: Any,
         x: Tensor,
         w: Tensor,
@@ -600,10 +600,10 @@ class TapKernel(torch.autograd.Function):
         return conv(x, w, bias, offsets, index, out_size)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         x, w, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a graph of the gradients is wanted
-            from maskparam._taps_kernels import _composite_grads
+            from maskparam.taps.reference import composite_grads as _composite_grads
 
             grads = _composite_grads(ctx, grad, x, w, bias)
             return (*grads[:3], None, None, None, None)
