@@ -40,7 +40,7 @@ class FixedMask(nn.Module):
     or Adam state from before masking, would move them inside an optimizer step, so on a
     module masked by :func:`~maskparam.apply_mask` maskparam holds them aside for the length
     of every :mod:`torch.optim` step and puts them back bitwise afterwards
-    (:mod:`maskparam._optim`). Between steps there is no copy: a masked layer costs its
+    (``maskparam._optim``). Between steps there is no copy: a masked layer costs its
     weights and its mask.
 
     Args:
