@@ -20,6 +20,7 @@ __all__ = [
     "check_mask_fits",
     "check_module",
     "layer_class",
+    "layer_name",
     "mask_fits",
     "parametrizations_of",
     "warn_if_empty",
@@ -46,6 +47,13 @@ def layer_class(module: nn.Module) -> type[nn.Module]:
     if isinstance(base, type):
         return base
     return parametrize.type_before_parametrizations(module)
+
+
+def layer_name(module: object) -> str:
+    """The class name to show for ``module`` in a message: :func:`layer_class`'s for a module."""
+    if isinstance(module, nn.Module):
+        return layer_class(module).__name__
+    return type(module).__name__
 
 
 def parametrizations_of(module: nn.Module, name: str) -> list[nn.Module]:

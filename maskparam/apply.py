@@ -113,7 +113,7 @@ def apply_mask(
                 [0, 1, 0]], dtype=torch.int32)
     """
     weight, mask, bias_mask, execution_plan = _prepare(module, mask, name, bias_mode, execution)
-    _checks.warn_if_empty(mask, f"{_kind(module)}.{name}")
+    _checks.warn_if_empty(mask, f"{_checks.layer_name(module)}.{name}")
     with _transaction.atomic([module]):
         _module_class.record_parameter_order(module)
         parametrize.register_parametrization(module, name, FixedMask(mask).to(weight.device))
@@ -232,7 +232,7 @@ def set_mask(module: nn.Module, mask: Tensor | Any, name: str = "weight") -> nn.
     fixed = _the_fixed_mask(module, name, "set_mask")
     new = _checks.as_bool_mask(mask, "set_mask")
     _, weight = _mask_and_original(module, name)
-    where = f"{_kind(module)}.{name}"
+    where = f"{_checks.layer_name(module)}.{name}"
     _checks.check_mask_fits(new, weight, where, "set_mask")
     bias = _bias_mask_of(module) if name == "weight" else None
     bias_new = None
@@ -276,7 +276,7 @@ def _prepare(
     _checks.check_module(module, "apply_mask")
     weight = _unmasked_parameter(module, name)
     mask = _checks.as_bool_mask(mask, "apply_mask")
-    where = f"{_kind(module)}.{name}"
+    where = f"{_checks.layer_name(module)}.{name}"
     _checks.check_mask_fits(mask, weight, where, "apply_mask")
     bias_mask = _bias_mask_for(module, weight, name, mask, bias_mode)
     return weight, mask, bias_mask, taps.prepare(module, mask, name, execution, bias_mode)
@@ -294,7 +294,7 @@ def _check_removable(module: nn.Module, name: str, bake: bool) -> None:
     if bake and data_bias is not None:
         raise ValueError(
             f"remove_mask(bake=True) would leave a plain "
-            f"{_kind(module)}, which cannot compute "
+            f"{_checks.layer_name(module)}, which cannot compute "
             f"bias_mode={data_bias!r}: it would add the bias everywhere and not rescale. Keep "
             "the module masked (it saves, copies and compiles as it is), or call "
             "remove_mask(module, bake=False) to drop the mask and the bias mode and get the "
@@ -316,7 +316,7 @@ def _unmasked_parameter(module: nn.Module, name: str) -> Tensor:
     if not isinstance(name, str):
         raise TypeError(f"apply_mask expects name to be a str. Got {type(name).__name__}.")
     existing = _checks.parametrizations_of(module, name)
-    kind = _kind(module)
+    kind = _checks.layer_name(module)
     if any(isinstance(p, FixedMask) for p in existing):
         raise ValueError(
             f"{kind}.{name} is already masked. To change its mask use "
@@ -349,7 +349,7 @@ def _the_fixed_mask(module: nn.Module, name: str, caller: str) -> FixedMask:
     """The FixedMask on ``module.<name>``, which must be its only parametrization."""
     existing = _checks.parametrizations_of(module, name)
     masks = [p for p in existing if isinstance(p, FixedMask)]
-    kind = _kind(module)
+    kind = _checks.layer_name(module)
     if not masks:
         raise ValueError(
             f"{caller} expects a masked parameter, but {kind}.{name} is not masked. "
@@ -386,7 +386,7 @@ def _bias_mask_for(
         )
     if bias_mode == "keep":
         return None
-    kind = _kind(module)
+    kind = _checks.layer_name(module)
     if name != "weight":
         raise ValueError(
             f"bias_mode={bias_mode!r} applies when masking a layer's weight. Got "
@@ -428,8 +428,3 @@ def _bias_mask_for(
             f"{kind}.bias.shape={tuple(bias.shape)} for {active.numel()} output channels."
         )
     return BiasMask(active, "channel").to(bias.device)
-
-
-def _kind(module: nn.Module) -> str:
-    """The layer's own class name, never the generated ``Parametrized...`` one."""
-    return _checks.layer_class(module).__name__

@@ -132,8 +132,8 @@ def apply_masks(
         except (TypeError, ValueError) as err:
             hint = _include_hint(module, mask) if include is not None else ""
             raise type(err)(
-                f"apply_masks could not mask {name!r} ({_kind(module)}), so it masked "
-                f"nothing. {err}{hint}"
+                f"apply_masks could not mask {name!r} ({_checks.layer_name(module)}), so it "
+                f"masked nothing. {err}{hint}"
             ) from None
     # Inside the transaction: with warnings as errors, a warning masks nothing.
     with _transaction.atomic(module for _, module, _ in plan):
@@ -474,11 +474,6 @@ def _is_predicate(item: object) -> bool:
     return callable(item) and not isinstance(item, (type, nn.Module))
 
 
-def _kind(module: nn.Module) -> str:
-    """The layer's own class name, ``Conv3d``, also once parametrize has swapped its class."""
-    return _checks.layer_class(module).__name__
-
-
 def _include_hint(module: nn.Module, mask: object) -> str:
     """How to leave out the layers a mask does not fit, when it does not fit ``module``."""
     weight = getattr(module, "weight", None)
@@ -490,7 +485,7 @@ def _include_hint(module: nn.Module, mask: object) -> str:
         return ""
     if _checks.mask_fits(as_bool, weight):
         return ""
-    kind = _kind(module)
+    kind = _checks.layer_name(module)
     kernel = getattr(module, "kernel_size", None)
     shape = tuple(as_bool.shape)
     if isinstance(kernel, tuple) and as_bool.dim() == len(kernel):

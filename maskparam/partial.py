@@ -36,7 +36,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from maskparam import _checks, _compat, _forward
 from maskparam.parametrizations import BiasMask, FixedMask
@@ -105,7 +104,7 @@ def partial_conv(
         got = f"shape={tuple(input.shape)}" if isinstance(input, Tensor) else type(input).__name__
         raise ValueError(
             f"partial_conv expects input of shape (N, C_in, *spatial) or (C_in, *spatial) "
-            f"with {ndim} spatial dims for {_kind(conv)}. Got input {got}."
+            f"with {ndim} spatial dims for {_checks.layer_name(conv)}. Got input {got}."
         )
     if validity is not None:
         _check_validity(conv, validity, "partial_conv", input)
@@ -148,7 +147,8 @@ def coverage(module: nn.Module, validity: Tensor) -> Tensor:
     _checks.check_module(module, "coverage")
     if not isinstance(module, _ConvNd) or module.transposed:
         raise ValueError(
-            f"coverage expects a Conv1d, Conv2d or Conv3d (masked or not). Got {_kind(module)}."
+            "coverage expects a Conv1d, Conv2d or Conv3d (masked or not). "
+            f"Got {_checks.layer_name(module)}."
         )
     _check_validity(module, validity, "coverage", None)
     ndim = len(module.kernel_size)
@@ -202,7 +202,7 @@ class PartialSequential(nn.Sequential):
             raise ValueError(
                 "PartialSequential expects at least one conv masked with bias_mode='valid' "
                 "or 'partial'. Got layers "
-                f"{[_kind(layer) for layer in self]}; use nn.Sequential for these."
+                f"{[_checks.layer_name(layer) for layer in self]}; use nn.Sequential for these."
             )
         for i, layer in enumerate(self):
             if isinstance(layer, PartialSequential):
@@ -216,8 +216,8 @@ class PartialSequential(nn.Sequential):
                     raise ValueError(
                         "PartialSequential expects every layer without validity to keep the "
                         f"shape of its input, so that the validity still fits. Layer {i} "
-                        f"({_kind(layer)}) turned {tuple(input.shape)} into {got}; write the "
-                        "forward with maskparam.partial_conv instead."
+                        f"({_checks.layer_name(layer)}) turned {tuple(input.shape)} into {got}; "
+                        "write the forward with maskparam.partial_conv instead."
                     )
                 input = out
         assert validity is not None  # a layer that takes validity always returns one
@@ -412,12 +412,6 @@ def _weight_of(conv: _ConvNd) -> Tensor:
     return weight
 
 
-def _kind(module: object) -> str:
-    if isinstance(module, nn.Module):
-        return parametrize.type_before_parametrizations(module).__name__
-    return type(module).__name__
-
-
 def _takes_validity(layer: nn.Module) -> bool:
     return isinstance(layer, PartialSequential) or (
         isinstance(layer, _ConvNd) and _forward.BIAS_MODE_ATTR in layer.__dict__
@@ -432,7 +426,8 @@ def _conv_with_mode(module: object, caller: str) -> tuple[_ConvNd, str]:
         state = "masked with another bias_mode" if masked else "not masked"
         raise ValueError(
             f"{caller} expects a conv masked with bias_mode='valid' or 'partial'. Got "
-            f"{_kind(module)}, {state}; use apply_mask(module, mask, bias_mode='partial')."
+            f"{_checks.layer_name(module)}, {state}; use "
+            "apply_mask(module, mask, bias_mode='partial')."
         )
     return module, mode
 
@@ -465,7 +460,7 @@ def _check_validity(conv: _ConvNd, validity: object, caller: str, input: Tensor 
     if not fits:
         raise ValueError(
             f"{caller} expects validity of shape {expected} ({ndim} spatial dims for "
-            f"{_kind(conv)}, unbatched if the input is). Got "
+            f"{_checks.layer_name(conv)}, unbatched if the input is). Got "
             f"validity.shape={tuple(validity.shape)}."
         )
     if validity.device != device:
