@@ -467,14 +467,20 @@ def _as_planes(t: Tensor) -> Tensor:
     return t
 
 
-def _pack(w: Tensor, index: Tensor, round_to: int, order: tuple[int, int, int]) -> Tensor:
-    """The active taps of ``w``, (O, C_in, T), permuted by ``order``, the last dim padded."""
+def _pack(w: Tensor, index: Tensor, block: int, order: tuple[int, int, int]) -> Tensor:
+    """The active taps of ``w`` as the kernel's forward reads them.
+
+    ``w`` (O, C_in, *kernel) gives its active taps as (O, C_in, T), permuted by ``order``
+    to (T, A, B); B, padded with zeros to a multiple of ``block``, is cut into blocks:
+    returns (T, B / block, A, block), contiguous.
+    """
     taps = w.flatten(2).index_select(2, index)  # (O, C, T)
     packed = taps.permute(*order)
-    pad = -packed.shape[2] % round_to
+    pad = -packed.shape[2] % block
     if pad:
         packed = torch.nn.functional.pad(packed, (0, pad))
-    return packed.contiguous()
+    t, a, b = packed.shape
+    return packed.reshape(t, a, b // block, block).transpose(1, 2).contiguous()
 
 
 def _threads() -> int:
@@ -515,7 +521,7 @@ def conv(
     wp = _pack(w.detach(), index, lib.tap_out_block(), (2, 1, 0))
     b = None
     if bias is not None:
-        b = torch.nn.functional.pad(bias.detach(), (0, wp.shape[2] - o)).contiguous()
+        b = torch.nn.functional.pad(bias.detach(), (0, wp.shape[1] * wp.shape[3] - o))
     y = torch.empty((x.shape[0], o, *out_size), dtype=x.dtype)
     geometry = _geometry(n, c, d, h, width, o, d_out, offsets)
     _ok(

@@ -3,7 +3,7 @@
  * AVX2 with FMA (8 lanes), ARM64 NEON (4 lanes). Only the few primitives in "the
  * instruction set" below (masked loads and stores, tile sizes) differ between them.
  *
- * Built at first use by maskparam/tap_kernel.py (cc -O3 -fopenmp and the flags of one
+ * Built at first use by maskparam/taps/kernel.py (cc -O3 -fopenmp and the flags of one
  * instruction set) and called through ctypes; without a C compiler or a supported CPU,
  * maskparam runs the same layers box by box. tests/c/ builds it standalone.
  *
@@ -20,16 +20,21 @@
  * all read inside the plane loads plainly. A 2-D conv has D = 1, a 1-D conv also H = 1.
  * The input gradient is the same sum with the taps negated and the weight transposed.
  *
- * Loop order. tap_forward: in parallel over (n, q, tile of NV * LANES positions); then
- * blocks of OB output channels; then the taps that land inside the depth; then the input
- * channels, each one NV vector loads of x and OB broadcasts of w into NV * OB accumulators
- * that stay in registers. tap_weight_grad, two variants (tap_weight_grad_variant says which
- * runs): "channels" (O a multiple of LANES, at least 2 * LANES) puts output channels in the
- * lanes and goes in parallel over (n, q), then rectangles of a plane, then taps, then blocks
- * of SB input channels, then positions; "positions" puts positions in the lanes and goes in
- * parallel over (n, q), then blocks of WO output channels, then blocks of WK (channel, tap)
- * pairs, then vectors of positions. Both keep per-thread partial sums
- * (tap_weight_grad_scratch bytes per thread) that add up at the end.
+ * Loop order. tap_forward: in parallel over (n, q, tile of NV * LANES positions); then the
+ * (tap, input channel) pairs whose tap lands inside the depth, KC at a time; then blocks of
+ * OB output channels; then the pairs, each NV vector loads of x and OB broadcasts of w into
+ * NV * OB accumulators that stay in registers. With more than one block of output channels,
+ * each pair's NV vectors are first copied into a per-thread buffer (lanes outside the plane
+ * zeroed) that every block reads from L1: the channel planes of x lie a multiple of 4 KB
+ * apart, so read in place they share L1 sets and evict each other. With one block, x is read
+ * in place. tap_weight_grad, two variants (tap_weight_grad_variant says which runs):
+ * "channels" (O a multiple of LANES, at least 2 * LANES) puts output channels in the lanes
+ * and goes in parallel over (n, q), then rectangles of a plane (whose g it transposes to
+ * position-major, LANES x LANES at a time), then taps, then blocks of SB input channels,
+ * then positions; "positions" puts positions in the lanes and goes in parallel over (n, q),
+ * then blocks of WO output channels, then blocks of WK (channel, tap) pairs, then vectors of
+ * positions. Both keep per-thread partial sums (tap_weight_grad_scratch bytes per thread)
+ * that add up at the end.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -122,6 +127,38 @@ static inline void store_lanes(lanes_t m, float* p, vf v) {
 #endif
 }
 
+/* Lanes interleaved: (a0, b0, a1, b1, ...) from the lower halves of a and b, or the upper. */
+#if LANES == 16
+#define LO_LANES 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23
+#define HI_LANES 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31
+#elif LANES == 8
+#define LO_LANES 0, 8, 1, 9, 2, 10, 3, 11
+#define HI_LANES 4, 12, 5, 13, 6, 14, 7, 15
+#else
+#define LO_LANES 0, 4, 1, 5
+#define HI_LANES 2, 6, 3, 7
+#endif
+#if defined(__clang__)
+#define SHUFFLE(a, b, LIST) __builtin_shufflevector(a, b, LIST)
+#else
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+#define SHUFFLE(a, b, LIST) __builtin_shuffle(a, b, (vi){LIST})
+#endif
+
+/* r as a LANES x LANES matrix, transposed in place: log2(LANES) perfect shuffles of its
+ * rows (row i with row i + LANES / 2), each moving one bit of a lane's index from the
+ * column to the row. */
+static inline void transpose(vf r[LANES]) {
+    for (int round = 1; round < LANES; round *= 2) {
+        vf t[LANES];
+        for (int i = 0; i < LANES / 2; i++) {
+            t[2 * i] = SHUFFLE(r[i], r[i + LANES / 2], LO_LANES);
+            t[2 * i + 1] = SHUFFLE(r[i], r[i + LANES / 2], HI_LANES);
+        }
+        for (int i = 0; i < LANES; i++) r[i] = t[i];
+    }
+}
+
 /* aligned_alloc wants a size that is a multiple of the alignment. */
 static void* alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
@@ -147,7 +184,7 @@ typedef struct {
 uint64_t tap_build_key(void) { return (uint64_t)TAP_BUILD_KEY; }
 const char* tap_isa(void) { return TAP_ISA; }
 int64_t tap_lanes(void) { return LANES; }
-/* The forward packs its weight with the output channels rounded up to this. */
+/* The forward reads its weight in blocks of this many output channels (see tap_forward). */
 int64_t tap_out_block(void) { return OB; }
 int64_t tap_forward_tile(void) { return NV * LANES; }
 
@@ -218,14 +255,21 @@ static void plane_masks_free(plane_masks* m) {
 
 /* -- forward (and input gradient) ----------------------------------------------------------- */
 
-/* acc += the products of one tap over all input channels; full: every lane reads inside. */
+/* The blocks of one tile of output positions: acc[o][v] holds output channel o0 + o at the
+ * positions p0 + LANES * v ... of output plane q of sample n. */
+typedef struct {
+    int64_t n, q, p0, tile;
+} fwd_tile;
+
+/* acc += the products of one tap over all input channels, read from x in place; full: every
+ * lane reads inside the plane. */
 static inline __attribute__((always_inline)) void fwd_tap(vf acc[OB][NV], const float* src,
                                                           const float* wt, int64_t C,
-                                                          int64_t cstride, int64_t Opad,
-                                                          const lanes_t* mk, int full) {
+                                                          int64_t cstride, const lanes_t* mk,
+                                                          int full) {
     lanes_t mv[NV];
     for (int v = 0; v < NV; v++) mv[v] = mk[v];
-    for (int64_t c = 0; c < C; c++, src += cstride, wt += Opad) {
+    for (int64_t c = 0; c < C; c++, src += cstride, wt += OB) {
         vf xv[NV];
 #pragma GCC unroll 8
         for (int v = 0; v < NV; v++)
@@ -239,14 +283,59 @@ static inline __attribute__((always_inline)) void fwd_tap(vf acc[OB][NV], const 
     }
 }
 
-/* y = conv(x): wp is (T, C, Opad) and bias (Opad) or NULL, Opad = O rounded up to OB with
- * zeros. Returns 0, or -1 if out of memory (y untouched then). */
+/* acc += the products of n packed pairs: buf holds each pair's NV vectors of x, and wts[j]
+ * the OB weights of pair j. */
+static inline __attribute__((always_inline)) void fwd_pairs(vf acc[OB][NV], const float* buf,
+                                                            const float* const* wts, int64_t n) {
+    for (int64_t j = 0; j < n; j++, buf += NV * LANES) {
+        const float* wt = wts[j];
+        vf xv[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) xv[v] = *(const vf*)(buf + LANES * v);
+#pragma GCC unroll 16
+        for (int o = 0; o < OB; o++) {
+            vf wv = splat(wt[o]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) acc[o][v] += wv * xv[v];
+        }
+    }
+}
+
+static inline void fwd_start(vf acc[OB][NV], const float* bias) {
+    for (int o = 0; o < OB; o++) {
+        vf b = splat(bias ? bias[o] : 0.f);
+        for (int v = 0; v < NV; v++) acc[o][v] = b;
+    }
+}
+
+/* The tile's outputs into y, output channels o0 ... below O, lanes inside the plane. */
+static inline void fwd_store(vf acc[OB][NV], float* y, int64_t O, int64_t Do, int64_t P,
+                             fwd_tile at, int64_t o0, const lanes_t* inside,
+                             const uint32_t* inside_bits) {
+    for (int o = 0; o < OB && o0 + o < O; o++) {
+        float* yo = y + ((at.n * O + o0 + o) * Do + at.q) * P + at.p0;
+        for (int v = 0; v < NV; v++) {
+            if (inside_bits[at.tile * NV + v] == FULL_BITS)
+                storeu(yo + LANES * v, acc[o][v]);
+            else
+                store_lanes(inside[at.tile * NV + v], yo + LANES * v, acc[o][v]);
+        }
+    }
+}
+
+#define KC 128 /* pairs (tap, input channel) packed at a time: KC * NV * LANES floats */
+
+/* y = conv(x): wp is (T, Opad / OB, C, OB) and bias (Opad) or NULL, Opad = O rounded up to
+ * OB with zeros. Returns 0, or -1 if out of memory (y untouched then). */
 int tap_forward(const tap_geometry* g, const float* x, const float* wp, const float* bias,
                 float* y) {
     const int64_t N = g->N, C = g->C, D = g->D, H = g->H, W = g->W, O = g->O, Do = g->Do;
     const int64_t T = g->T, *taps = g->taps;
     int64_t P = H * W, nvec = (P + LANES - 1) / LANES, tiles = (nvec + NV - 1) / NV;
-    int64_t Opad = (O + OB - 1) / OB * OB;
+    const int64_t Opad = (O + OB - 1) / OB * OB, nob = Opad / OB;
+    /* One block of output channels reads each vector of x once: it reads x in place. More
+       blocks copy the vectors they share into a buffer first (see above). */
+    const int packed = nob > 1;
     const int64_t mstride = tiles * NV;
     plane_masks masks;
     if (plane_masks_make(&masks, H, W, T, taps, mstride)) {
@@ -260,7 +349,10 @@ int tap_forward(const tap_geometry* g, const float* x, const float* wp, const fl
     {
         int64_t* toff = (int64_t*)malloc(sizeof(int64_t) * (T + 1));
         int64_t* tidx = (int64_t*)malloc(sizeof(int64_t) * (T + 1));
-        if (!toff || !tidx) {
+        float* buf = packed ? (float*)alloc64(sizeof(float) * KC * NV * LANES) : NULL;
+        float* part = packed ? (float*)alloc64(sizeof(float) * Opad * NV * LANES) : NULL;
+        const float** wts = (const float**)malloc(sizeof(float*) * KC);
+        if (!toff || !tidx || !wts || (packed && (!buf || !part))) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -268,46 +360,77 @@ int tap_forward(const tap_geometry* g, const float* x, const float* wp, const fl
         if (!failed) {
 #pragma omp for schedule(static)
             for (int64_t job = 0; job < N * Do * tiles; job++) {
-                int64_t n = job / (Do * tiles), q = (job / tiles) % Do, tile = job % tiles;
+                fwd_tile at = {job / (Do * tiles), (job / tiles) % Do, 0, job % tiles};
+                at.p0 = at.tile * LANES * NV;
                 int64_t nt = 0;
                 for (int64_t t = 0; t < T; t++) {
-                    int64_t sq = q + taps[3 * t];
+                    int64_t sq = at.q + taps[3 * t];
                     if (sq < 0 || sq >= D) continue; /* the whole plane is padding */
                     toff[nt] = sq * P + taps[3 * t + 1] * W + taps[3 * t + 2];
                     tidx[nt++] = t;
                 }
-                int64_t p0 = tile * LANES * NV;
-                for (int64_t o0 = 0; o0 < Opad; o0 += OB) {
+                const float* xn = x + at.n * C * D * P + at.p0;
+                if (!packed) {
                     vf acc[OB][NV];
-                    for (int o = 0; o < OB; o++) {
-                        vf b = splat(bias ? bias[o0 + o] : 0.f);
-                        for (int v = 0; v < NV; v++) acc[o][v] = b;
-                    }
+                    fwd_start(acc, bias);
                     for (int64_t k = 0; k < nt; k++) {
-                        int64_t at = tidx[k] * mstride + tile * NV;
+                        int64_t m = tidx[k] * mstride + at.tile * NV;
                         int full = 1;
-                        for (int v = 0; v < NV; v++) full &= masks.bits[at + v] == FULL_BITS;
-                        const float* src = x + n * C * D * P + p0 + toff[k];
-                        const float* wt = wp + tidx[k] * C * Opad + o0;
+                        for (int v = 0; v < NV; v++) full &= masks.bits[m + v] == FULL_BITS;
+                        const float* wt = wp + tidx[k] * C * OB;
                         if (full)
-                            fwd_tap(acc, src, wt, C, D * P, Opad, masks.lanes + at, 1);
+                            fwd_tap(acc, xn + toff[k], wt, C, D * P, masks.lanes + m, 1);
                         else
-                            fwd_tap(acc, src, wt, C, D * P, Opad, masks.lanes + at, 0);
+                            fwd_tap(acc, xn + toff[k], wt, C, D * P, masks.lanes + m, 0);
                     }
-                    for (int o = 0; o < OB && o0 + o < O; o++) {
-                        float* yo = y + ((n * O + o0 + o) * Do + q) * P + p0;
-                        for (int v = 0; v < NV; v++) {
-                            if (inside_bits[tile * NV + v] == FULL_BITS)
-                                storeu(yo + LANES * v, acc[o][v]);
-                            else
-                                store_lanes(inside[tile * NV + v], yo + LANES * v, acc[o][v]);
-                        }
+                    fwd_store(acc, y, O, Do, P, at, 0, inside, inside_bits);
+                    continue;
+                }
+                int64_t npairs = nt * C;
+                for (int64_t j0 = 0; j0 < npairs || j0 == 0; j0 += KC) {
+                    int64_t j1 = j0 + KC < npairs ? j0 + KC : npairs;
+                    /* pack pairs j0 ... j1 - 1, tap-major, lanes outside the plane zero */
+                    for (int64_t j = j0, k = j0 / C, c = j0 % C; j < j1; j++) {
+                        int64_t m = tidx[k] * mstride + at.tile * NV;
+                        const float* src = xn + c * D * P + toff[k];
+                        float* dst = buf + (j - j0) * NV * LANES;
+                        for (int v = 0; v < NV; v++)
+                            *(vf*)(dst + LANES * v) =
+                                masks.bits[m + v] == FULL_BITS
+                                    ? loadu(src + LANES * v)
+                                    : load_lanes(masks.lanes[m + v], src + LANES * v);
+                        wts[j - j0] = wp + (tidx[k] * nob * C + c) * OB;
+                        if (++c == C) c = 0, k++;
                     }
+                    int first = j0 == 0, last = j1 >= npairs;
+                    for (int64_t o0 = 0; o0 < Opad; o0 += OB) {
+                        vf acc[OB][NV];
+                        float* pp = part + o0 * NV * LANES;
+                        if (first)
+                            fwd_start(acc, bias ? bias + o0 : NULL);
+                        else
+                            for (int o = 0; o < OB; o++)
+                                for (int v = 0; v < NV; v++)
+                                    acc[o][v] = *(const vf*)(pp + (o * NV + v) * LANES);
+                        const float* wo[KC];
+                        for (int64_t j = 0; j < j1 - j0; j++) wo[j] = wts[j] + o0 * C;
+                        fwd_pairs(acc, buf, wo, j1 - j0);
+                        if (last)
+                            fwd_store(acc, y, O, Do, P, at, o0, inside, inside_bits);
+                        else
+                            for (int o = 0; o < OB; o++)
+                                for (int v = 0; v < NV; v++)
+                                    *(vf*)(pp + (o * NV + v) * LANES) = acc[o][v];
+                    }
+                    if (npairs == 0) break;
                 }
             }
         }
         free(toff);
         free(tidx);
+        free(buf);
+        free(part);
+        free(wts);
     }
     plane_masks_free(&masks);
     return failed ? -1 : 0;
@@ -487,15 +610,19 @@ static void wg_rect(const tap_geometry* g, const float* x, const float* gq, floa
     const int64_t* taps = g->taps;
     int64_t P = H * W;
     for (int64_t h = ha; h < hb; h++)
-        for (int64_t o0 = 0; o0 < O; o0 += LANES)
-            for (int64_t w0 = wa; w0 < wb; w0 += 16) {
-                int64_t we = w0 + 16 < wb ? w0 + 16 : wb;
-                for (int64_t o = o0; o < o0 + LANES; o++) {
-                    const float* row = gq + o * Do * P + h * W;
-                    float* dst = gT + (h - ha) * cw * O + o;
-                    for (int64_t w = w0; w < we; w++) dst[(w - wa) * O] = row[w];
-                }
+        for (int64_t o0 = 0; o0 < O; o0 += LANES) {
+            const float* row = gq + o0 * Do * P + h * W;
+            float* dst = gT + (h - ha) * cw * O + o0;
+            int64_t w = wa;
+            for (; w + LANES <= wb; w += LANES) {
+                vf r[LANES];
+                for (int i = 0; i < LANES; i++) r[i] = loadu(row + i * Do * P + w);
+                transpose(r);
+                for (int j = 0; j < LANES; j++) storeu(dst + (w + j - wa) * O, r[j]);
             }
+            for (; w < wb; w++)
+                for (int i = 0; i < LANES; i++) dst[(w - wa) * O + i] = row[i * Do * P + w];
+        }
     if (accb)
         for (int64_t o0 = 0; o0 < O; o0 += LANES) {
             vf s = {0};
