@@ -23,11 +23,12 @@
  * Loop order. tap_forward: in parallel over (n, q, tile of NV * LANES positions); then the
  * (tap, input channel) pairs whose tap lands inside the depth, KC at a time; then blocks of
  * OB output channels; then the pairs, each NV vector loads of x and OB broadcasts of w into
- * NV * OB accumulators that stay in registers. With more than one block of output channels,
- * each pair's NV vectors are first copied into a per-thread buffer (lanes outside the plane
- * zeroed) that every block reads from L1: the channel planes of x lie a multiple of 4 KB
- * apart, so read in place they share L1 sets and evict each other. With one block, x is read
- * in place. tap_weight_grad, two variants (tap_weight_grad_variant says which runs):
+ * NV * OB accumulators that stay in registers. With several blocks and at least PACK_MIN
+ * output channels, each pair's NV vectors are first copied into a per-thread buffer (lanes
+ * outside the plane zeroed) that every block reads from L1: the channel planes of x lie a
+ * multiple of 4 KB apart, so read in place they share L1 sets and evict each other. With
+ * fewer output channels the copy costs more than it saves, and each block reads x in place.
+ * tap_weight_grad, two variants (tap_weight_grad_variant says which runs):
  * "channels" (O a multiple of LANES, at least 2 * LANES) puts output channels in the lanes
  * and goes in parallel over (n, q), then rectangles of a plane (whose g it transposes to
  * position-major, LANES x LANES at a time), then taps, then blocks of SB input channels,
@@ -323,7 +324,8 @@ static inline void fwd_store(vf acc[OB][NV], float* y, int64_t O, int64_t Do, in
     }
 }
 
-#define KC 128 /* pairs (tap, input channel) packed at a time: KC * NV * LANES floats */
+#define KC 128      /* pairs (tap, input channel) packed at a time: KC * NV * LANES floats */
+#define PACK_MIN 16 /* the fewest output channels (rounded up to OB) that pack */
 
 /* y = conv(x): wp is (T, Opad / OB, C, OB) and bias (Opad) or NULL, Opad = O rounded up to
  * OB with zeros. Returns 0, or -1 if out of memory (y untouched then). */
@@ -333,9 +335,10 @@ int tap_forward(const tap_geometry* g, const float* x, const float* wp, const fl
     const int64_t T = g->T, *taps = g->taps;
     int64_t P = H * W, nvec = (P + LANES - 1) / LANES, tiles = (nvec + NV - 1) / NV;
     const int64_t Opad = (O + OB - 1) / OB * OB, nob = Opad / OB;
-    /* One block of output channels reads each vector of x once: it reads x in place. More
-       blocks copy the vectors they share into a buffer first (see above). */
-    const int packed = nob > 1;
+    /* Where the blocks of output channels make PACK_MIN uses of each vector of x or more,
+       they copy the vectors they share into a buffer first (see above); fewer, and the copy
+       costs more than it saves: they read x in place. */
+    const int packed = nob > 1 && Opad >= PACK_MIN;
     const int64_t mstride = tiles * NV;
     plane_masks masks;
     if (plane_masks_make(&masks, H, W, T, taps, mstride)) {
@@ -371,19 +374,21 @@ int tap_forward(const tap_geometry* g, const float* x, const float* wp, const fl
                 }
                 const float* xn = x + at.n * C * D * P + at.p0;
                 if (!packed) {
-                    vf acc[OB][NV];
-                    fwd_start(acc, bias);
-                    for (int64_t k = 0; k < nt; k++) {
-                        int64_t m = tidx[k] * mstride + at.tile * NV;
-                        int full = 1;
-                        for (int v = 0; v < NV; v++) full &= masks.bits[m + v] == FULL_BITS;
-                        const float* wt = wp + tidx[k] * C * OB;
-                        if (full)
-                            fwd_tap(acc, xn + toff[k], wt, C, D * P, masks.lanes + m, 1);
-                        else
-                            fwd_tap(acc, xn + toff[k], wt, C, D * P, masks.lanes + m, 0);
+                    for (int64_t ob = 0; ob < nob; ob++) {
+                        vf acc[OB][NV];
+                        fwd_start(acc, bias ? bias + ob * OB : NULL);
+                        for (int64_t k = 0; k < nt; k++) {
+                            int64_t m = tidx[k] * mstride + at.tile * NV;
+                            int full = 1;
+                            for (int v = 0; v < NV; v++) full &= masks.bits[m + v] == FULL_BITS;
+                            const float* wt = wp + (tidx[k] * nob + ob) * C * OB;
+                            if (full)
+                                fwd_tap(acc, xn + toff[k], wt, C, D * P, masks.lanes + m, 1);
+                            else
+                                fwd_tap(acc, xn + toff[k], wt, C, D * P, masks.lanes + m, 0);
+                        }
+                        fwd_store(acc, y, O, Do, P, at, ob * OB, inside, inside_bits);
                     }
-                    fwd_store(acc, y, O, Do, P, at, 0, inside, inside_bits);
                     continue;
                 }
                 int64_t npairs = nt * C;

@@ -120,6 +120,7 @@ int main(void) {
        the weight gradient transposes a vector at a time, with a tail */
     ok &= one_case(1, 37, 2, 6, 11, 2 * OB + 3, 9, 2);
     ok &= one_case(2, 37, 2, 6, 11, 3, 9, 2);
+    ok &= one_case(1, 5, 2, 5, 9, 2 * OB < PACK_MIN ? 2 * OB : OB + 1, 4, 1);
     ok &= one_case(1, 3, 2, 4, 5, 2 * OB, 3, 4);
     ok &= one_case(1, 6, 1, 3, 2 * LANES + 5, 3 * LANES, 5, 2);
     printf(ok ? "all cases match\n" : "some cases do not match\n");
