@@ -302,6 +302,18 @@ static inline __attribute__((always_inline)) void fwd_pairs(vf acc[OB][NV], cons
     }
 }
 
+/* The NV vectors of n channels of one tap, cstride apart from src, into dst one after
+ * another, the lanes off in mk zero; full: every lane on. */
+static inline __attribute__((always_inline)) void pack_run(float* dst, const float* src,
+                                                           int64_t cstride, int64_t n,
+                                                           const lanes_t* mk, int full) {
+    lanes_t mv[NV];
+    for (int v = 0; v < NV; v++) mv[v] = mk[v];
+    for (int64_t c = 0; c < n; c++, src += cstride, dst += NV * LANES)
+        for (int v = 0; v < NV; v++)
+            *(vf*)(dst + LANES * v) = full ? loadu(src + LANES * v) : load_lanes(mv[v], src + LANES * v);
+}
+
 static inline void fwd_start(vf acc[OB][NV], const float* bias) {
     for (int o = 0; o < OB; o++) {
         vf b = splat(bias ? bias[o] : 0.f);
@@ -394,18 +406,22 @@ int tap_forward(const tap_geometry* g, const float* x, const float* wp, const fl
                 int64_t npairs = nt * C;
                 for (int64_t j0 = 0; j0 < npairs || j0 == 0; j0 += KC) {
                     int64_t j1 = j0 + KC < npairs ? j0 + KC : npairs;
-                    /* pack pairs j0 ... j1 - 1, tap-major, lanes outside the plane zero */
-                    for (int64_t j = j0, k = j0 / C, c = j0 % C; j < j1; j++) {
+                    /* pack pairs j0 ... j1 - 1, tap-major, lanes outside the plane zero: a
+                       run of channels of one tap at a time */
+                    for (int64_t j = j0; j < j1;) {
+                        int64_t k = j / C, c0 = j % C, c1 = C < c0 + (j1 - j) ? C : c0 + (j1 - j);
                         int64_t m = tidx[k] * mstride + at.tile * NV;
-                        const float* src = xn + c * D * P + toff[k];
+                        int full = 1;
+                        for (int v = 0; v < NV; v++) full &= masks.bits[m + v] == FULL_BITS;
                         float* dst = buf + (j - j0) * NV * LANES;
-                        for (int v = 0; v < NV; v++)
-                            *(vf*)(dst + LANES * v) =
-                                masks.bits[m + v] == FULL_BITS
-                                    ? loadu(src + LANES * v)
-                                    : load_lanes(masks.lanes[m + v], src + LANES * v);
-                        wts[j - j0] = wp + (tidx[k] * nob * C + c) * OB;
-                        if (++c == C) c = 0, k++;
+                        const float* src = xn + c0 * D * P + toff[k];
+                        if (full)
+                            pack_run(dst, src, D * P, c1 - c0, masks.lanes + m, 1);
+                        else
+                            pack_run(dst, src, D * P, c1 - c0, masks.lanes + m, 0);
+                        for (int64_t c = c0; c < c1; c++)
+                            wts[j - j0 + c - c0] = wp + (tidx[k] * nob * C + c) * OB;
+                        j += c1 - c0;
                     }
                     int first = j0 == 0, last = j1 >= npairs;
                     for (int64_t o0 = 0; o0 < Opad; o0 += OB) {
