@@ -644,12 +644,17 @@ static void wg_rect(const tap_geometry* g, const float* x, const float* gq, floa
             for (; w < wb; w++)
                 for (int i = 0; i < LANES; i++) dst[(w - wa) * O + i] = row[i * Do * P + w];
         }
-    if (accb)
+    if (accb) /* four sums, so that the adds need not wait for each other */
         for (int64_t o0 = 0; o0 < O; o0 += LANES) {
-            vf s = {0};
-            for (int64_t h = ha; h < hb; h++)
-                for (int64_t w = wa; w < wb; w++) s += loadu(gT + ((h - ha) * cw + (w - wa)) * O + o0);
-            storeu(accb + o0, loadu(accb + o0) + s);
+            vf s[4] = {{0}, {0}, {0}, {0}};
+            for (int64_t h = ha; h < hb; h++) {
+                const float* row = gT + (h - ha) * cw * O + o0;
+                int64_t w = 0, n = wb - wa;
+                for (; w + 4 <= n; w += 4)
+                    for (int i = 0; i < 4; i++) s[i] += loadu(row + (w + i) * O);
+                for (; w < n; w++) s[0] += loadu(row + w * O);
+            }
+            storeu(accb + o0, loadu(accb + o0) + ((s[0] + s[1]) + (s[2] + s[3])));
         }
     for (int64_t t = 0; t < T; t++) {
         int64_t sq = q + taps[3 * t], dh = taps[3 * t + 1], dw = taps[3 * t + 2];
