@@ -284,20 +284,24 @@ static inline __attribute__((always_inline)) void fwd_tap(vf acc[OB][NV], const 
     }
 }
 
-/* acc += the products of n packed pairs: buf holds each pair's NV vectors of x, and wts[j]
- * the OB weights of pair j. */
+/* acc += the products of packed pairs, in runs: run r is n[r] channels of one tap, whose
+ * OB weights start at w[r] and step OB from channel to channel; buf holds each pair's NV
+ * vectors of x, one pair after another. */
 static inline __attribute__((always_inline)) void fwd_pairs(vf acc[OB][NV], const float* buf,
-                                                            const float* const* wts, int64_t n) {
-    for (int64_t j = 0; j < n; j++, buf += NV * LANES) {
-        const float* wt = wts[j];
-        vf xv[NV];
+                                                            const float* const* w,
+                                                            const int64_t* n, int64_t runs) {
+    for (int64_t r = 0; r < runs; r++) {
+        const float* wt = w[r];
+        for (int64_t j = 0; j < n[r]; j++, buf += NV * LANES, wt += OB) {
+            vf xv[NV];
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) xv[v] = *(const vf*)(buf + LANES * v);
+            for (int v = 0; v < NV; v++) xv[v] = *(const vf*)(buf + LANES * v);
 #pragma GCC unroll 16
-        for (int o = 0; o < OB; o++) {
-            vf wv = splat(wt[o]);
+            for (int o = 0; o < OB; o++) {
+                vf wv = splat(wt[o]);
 #pragma GCC unroll 8
-            for (int v = 0; v < NV; v++) acc[o][v] += wv * xv[v];
+                for (int v = 0; v < NV; v++) acc[o][v] += wv * xv[v];
+            }
         }
     }
 }
@@ -366,8 +370,10 @@ int tap_forward(const tap_geometry* g, const float* x, const float* wp, const fl
         int64_t* tidx = (int64_t*)malloc(sizeof(int64_t) * (T + 1));
         float* buf = packed ? (float*)alloc64(sizeof(float) * KC * NV * LANES) : NULL;
         float* part = packed ? (float*)alloc64(sizeof(float) * Opad * NV * LANES) : NULL;
-        const float** wts = (const float**)malloc(sizeof(float*) * KC);
-        if (!toff || !tidx || !wts || (packed && (!buf || !part))) {
+        /* the runs of one chunk (see fwd_pairs): at most KC, or one per tap */
+        const float** run_w = (const float**)malloc(sizeof(float*) * (KC + T + 1));
+        int64_t* run_n = (int64_t*)malloc(sizeof(int64_t) * (KC + T + 1));
+        if (!toff || !tidx || !run_w || !run_n || (packed && (!buf || !part))) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -408,7 +414,8 @@ int tap_forward(const tap_geometry* g, const float* x, const float* wp, const fl
                     int64_t j1 = j0 + KC < npairs ? j0 + KC : npairs;
                     /* pack pairs j0 ... j1 - 1, tap-major, lanes outside the plane zero: a
                        run of channels of one tap at a time */
-                    for (int64_t j = j0; j < j1;) {
+                    int64_t runs = 0;
+                    for (int64_t j = j0; j < j1; runs++) {
                         int64_t k = j / C, c0 = j % C, c1 = C < c0 + (j1 - j) ? C : c0 + (j1 - j);
                         int64_t m = tidx[k] * mstride + at.tile * NV;
                         int full = 1;
@@ -419,8 +426,8 @@ int tap_forward(const tap_geometry* g, const float* x, const float* wp, const fl
                             pack_run(dst, src, D * P, c1 - c0, masks.lanes + m, 1);
                         else
                             pack_run(dst, src, D * P, c1 - c0, masks.lanes + m, 0);
-                        for (int64_t c = c0; c < c1; c++)
-                            wts[j - j0 + c - c0] = wp + (tidx[k] * nob * C + c) * OB;
+                        run_w[runs] = wp + (tidx[k] * nob * C + c0) * OB;
+                        run_n[runs] = c1 - c0;
                         j += c1 - c0;
                     }
                     int first = j0 == 0, last = j1 >= npairs;
@@ -433,9 +440,9 @@ int tap_forward(const tap_geometry* g, const float* x, const float* wp, const fl
                             for (int o = 0; o < OB; o++)
                                 for (int v = 0; v < NV; v++)
                                     acc[o][v] = *(const vf*)(pp + (o * NV + v) * LANES);
-                        const float* wo[KC];
-                        for (int64_t j = 0; j < j1 - j0; j++) wo[j] = wts[j] + o0 * C;
-                        fwd_pairs(acc, buf, wo, j1 - j0);
+                        const float* wo[KC + 1];
+                        for (int64_t r = 0; r < runs; r++) wo[r] = run_w[r] + o0 * C;
+                        fwd_pairs(acc, buf, wo, run_n, runs);
                         if (last)
                             fwd_store(acc, y, O, Do, P, at, o0, inside, inside_bits);
                         else
@@ -451,7 +458,8 @@ int tap_forward(const tap_geometry* g, const float* x, const float* wp, const fl
         free(tidx);
         free(buf);
         free(part);
-        free(wts);
+        free(run_w);
+        free(run_n);
     }
     plane_masks_free(&masks);
     return failed ? -1 : 0;
