@@ -286,24 +286,36 @@ static inline __attribute__((always_inline)) void fwd_tap(vf acc[OB][NV], const 
 
 /* acc += the products of packed pairs, in runs: run r is n[r] channels of one tap, whose
  * OB weights start at w[r] and step OB from channel to channel; buf holds each pair's NV
- * vectors of x, one pair after another. */
-static inline __attribute__((always_inline)) void fwd_pairs(vf acc[OB][NV], const float* buf,
-                                                            const float* const* w,
-                                                            const int64_t* n, int64_t runs) {
+ * vectors of x, one pair after another. Only the first nv vectors (a constant where it is
+ * inlined): the last tile of a plane may have fewer. */
+static inline __attribute__((always_inline)) void fwd_pairs_nv(vf acc[OB][NV], const float* buf,
+                                                               const float* const* w,
+                                                               const int64_t* n, int64_t runs,
+                                                               const int nv) {
     for (int64_t r = 0; r < runs; r++) {
         const float* wt = w[r];
         for (int64_t j = 0; j < n[r]; j++, buf += NV * LANES, wt += OB) {
             vf xv[NV];
 #pragma GCC unroll 8
-            for (int v = 0; v < NV; v++) xv[v] = *(const vf*)(buf + LANES * v);
+            for (int v = 0; v < nv; v++) xv[v] = *(const vf*)(buf + LANES * v);
 #pragma GCC unroll 16
             for (int o = 0; o < OB; o++) {
                 vf wv = splat(wt[o]);
 #pragma GCC unroll 8
-                for (int v = 0; v < NV; v++) acc[o][v] += wv * xv[v];
+                for (int v = 0; v < nv; v++) acc[o][v] += wv * xv[v];
             }
         }
     }
+}
+
+static void fwd_pairs(vf acc[OB][NV], const float* buf, const float* const* w, const int64_t* n,
+                      int64_t runs, int nv) {
+#if NV == 3
+    if (nv == 1) return fwd_pairs_nv(acc, buf, w, n, runs, 1);
+    if (nv == 2) return fwd_pairs_nv(acc, buf, w, n, runs, 2);
+#endif
+    (void)nv;
+    fwd_pairs_nv(acc, buf, w, n, runs, NV);
 }
 
 /* The NV vectors of n channels of one tap, cstride apart from src, into dst one after
@@ -410,6 +422,8 @@ int tap_forward(const tap_geometry* g, const float* x, const float* wp, const fl
                     continue;
                 }
                 int64_t npairs = nt * C;
+                /* the vectors of the tile that hold positions of the plane */
+                int nv = nvec - at.tile * NV < NV ? (int)(nvec - at.tile * NV) : NV;
                 for (int64_t j0 = 0; j0 < npairs || j0 == 0; j0 += KC) {
                     int64_t j1 = j0 + KC < npairs ? j0 + KC : npairs;
                     /* pack pairs j0 ... j1 - 1, tap-major, lanes outside the plane zero: a
@@ -442,7 +456,7 @@ int tap_forward(const tap_geometry* g, const float* x, const float* wp, const fl
                                     acc[o][v] = *(const vf*)(pp + (o * NV + v) * LANES);
                         const float* wo[KC + 1];
                         for (int64_t r = 0; r < runs; r++) wo[r] = run_w[r] + o0 * C;
-                        fwd_pairs(acc, buf, wo, run_n, runs);
+                        fwd_pairs(acc, buf, wo, run_n, runs, nv);
                         if (last)
                             fwd_store(acc, y, O, Do, P, at, o0, inside, inside_bits);
                         else
