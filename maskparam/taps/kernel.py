@@ -521,7 +521,7 @@ def conv(
     wp = _pack(w.detach(), index, lib.tap_out_block(), (2, 1, 0))
     b = None
     if bias is not None:
-        b = torch.nn.functional.pad(bias.detach(), (0, wp.shape[1] * wp.shape[3] - o))
+        b = torch.nn.functional.pad(bias.detach(), (0, wp.shape[1] * wp.shape[3] - o)).contiguous()
     y = torch.empty((x.shape[0], o, *out_size), dtype=x.dtype)
     geometry = _geometry(n, c, d, h, width, o, d_out, offsets)
     _ok(
