@@ -262,6 +262,25 @@ typedef struct {
     int64_t n, q, p0, tile;
 } fwd_tile;
 
+/* acc[o][v] += wt[o] * xv[v] for the OB output channels and the first nv vectors (a
+ * constant where it is inlined). */
+static inline __attribute__((always_inline)) void fwd_fma(vf acc[OB][NV], const vf xv[NV],
+                                                          const float* wt, const int nv) {
+#pragma GCC unroll 16
+    for (int o = 0; o < OB; o++) {
+        vf wv = splat(wt[o]);
+#pragma GCC unroll 8
+        for (int v = 0; v < nv; v++) acc[o][v] += wv * xv[v];
+    }
+}
+
+/* Whether the NV vectors whose lane bits start at bits all have every lane on. */
+static inline int all_on(const uint32_t* bits) {
+    int full = 1;
+    for (int v = 0; v < NV; v++) full &= bits[v] == FULL_BITS;
+    return full;
+}
+
 /* acc += the products of one tap over all input channels, read from x in place; full: every
  * lane reads inside the plane. */
 static inline __attribute__((always_inline)) void fwd_tap(vf acc[OB][NV], const float* src,
@@ -275,12 +294,7 @@ static inline __attribute__((always_inline)) void fwd_tap(vf acc[OB][NV], const 
 #pragma GCC unroll 8
         for (int v = 0; v < NV; v++)
             xv[v] = full ? loadu(src + LANES * v) : load_lanes(mv[v], src + LANES * v);
-#pragma GCC unroll 16
-        for (int o = 0; o < OB; o++) {
-            vf wv = splat(wt[o]);
-#pragma GCC unroll 8
-            for (int v = 0; v < NV; v++) acc[o][v] += wv * xv[v];
-        }
+        fwd_fma(acc, xv, wt, NV);
     }
 }
 
@@ -298,12 +312,7 @@ static inline __attribute__((always_inline)) void fwd_pairs_nv(vf acc[OB][NV], c
             vf xv[NV];
 #pragma GCC unroll 8
             for (int v = 0; v < nv; v++) xv[v] = *(const vf*)(buf + LANES * v);
-#pragma GCC unroll 16
-            for (int o = 0; o < OB; o++) {
-                vf wv = splat(wt[o]);
-#pragma GCC unroll 8
-                for (int v = 0; v < nv; v++) acc[o][v] += wv * xv[v];
-            }
+            fwd_fma(acc, xv, wt, nv);
         }
     }
 }
@@ -409,10 +418,8 @@ int tap_forward(const tap_geometry* g, const float* x, const float* wp, const fl
                         fwd_start(acc, bias ? bias + ob * OB : NULL);
                         for (int64_t k = 0; k < nt; k++) {
                             int64_t m = tidx[k] * mstride + at.tile * NV;
-                            int full = 1;
-                            for (int v = 0; v < NV; v++) full &= masks.bits[m + v] == FULL_BITS;
                             const float* wt = wp + (tidx[k] * nob + ob) * C * OB;
-                            if (full)
+                            if (all_on(masks.bits + m))
                                 fwd_tap(acc, xn + toff[k], wt, C, D * P, masks.lanes + m, 1);
                             else
                                 fwd_tap(acc, xn + toff[k], wt, C, D * P, masks.lanes + m, 0);
@@ -432,11 +439,9 @@ int tap_forward(const tap_geometry* g, const float* x, const float* wp, const fl
                     for (int64_t j = j0; j < j1; runs++) {
                         int64_t k = j / C, c0 = j % C, c1 = C < c0 + (j1 - j) ? C : c0 + (j1 - j);
                         int64_t m = tidx[k] * mstride + at.tile * NV;
-                        int full = 1;
-                        for (int v = 0; v < NV; v++) full &= masks.bits[m + v] == FULL_BITS;
                         float* dst = buf + (j - j0) * NV * LANES;
                         const float* src = xn + c0 * D * P + toff[k];
-                        if (full)
+                        if (all_on(masks.bits + m))
                             pack_run(dst, src, D * P, c1 - c0, masks.lanes + m, 1);
                         else
                             pack_run(dst, src, D * P, c1 - c0, masks.lanes + m, 0);
