@@ -123,6 +123,10 @@ int main(void) {
     ok &= one_case(1, 5, 2, 5, 9, 2 * OB < PACK_MIN ? 2 * OB : OB + 1, 4, 1);
     ok &= one_case(1, 3, 2, 4, 5, 2 * OB, 3, 4);
     ok &= one_case(1, 6, 1, 3, 2 * LANES + 5, 3 * LANES, 5, 2);
+    /* planes the weight gradient takes a rectangle at a time: several rows each, the last
+       with fewer; rows longer than a rectangle, in pieces with a shorter last piece */
+    ok &= one_case(1, 4, 2, WG_CHUNK / (32 * 2 * LANES) + 3, 32, 2 * LANES, 5, 2);
+    ok &= one_case(1, 3, 1, 3, WG_CHUNK / (2 * LANES) + 7, 2 * LANES, 5, 2);
     printf(ok ? "all cases match\n" : "some cases do not match\n");
     return ok ? 0 : 1;
 }
