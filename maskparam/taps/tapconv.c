@@ -306,15 +306,21 @@ static inline __attribute__((always_inline)) void fwd_pairs_nv(vf acc[OB][NV], c
                                                                const float* const* w,
                                                                const int64_t* n, int64_t runs,
                                                                const int nv) {
+    /* The sums in a local array, which no float pointer may alias: so they stay in
+       registers even where fwd_pairs is not inlined. Summed through acc itself, they would
+       go to memory and back at every step (twice the time). */
+    vf a[OB][NV];
+    memcpy(a, acc, sizeof a);
     for (int64_t r = 0; r < runs; r++) {
         const float* wt = w[r];
         for (int64_t j = 0; j < n[r]; j++, buf += NV * LANES, wt += OB) {
             vf xv[NV];
 #pragma GCC unroll 8
             for (int v = 0; v < nv; v++) xv[v] = *(const vf*)(buf + LANES * v);
-            fwd_fma(acc, xv, wt, nv);
+            fwd_fma(a, xv, wt, nv);
         }
     }
+    memcpy(acc, a, sizeof a);
 }
 
 static void fwd_pairs(vf acc[OB][NV], const float* buf, const float* const* w, const int64_t* n,
