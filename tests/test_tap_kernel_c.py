@@ -19,8 +19,13 @@ HARNESS = Path(__file__).with_name("c") / "test_tapconv.c"
 NEON_SCRIPT = Path(__file__).with_name("c") / "run_neon.sh"
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "neon"])
-def test_kernel_matches_naive_conv(isa: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("isa", "optimize"),
+    [("avx512", ()), ("avx2", ()), ("neon", ()), ("avx512", ("-O0",)), ("avx2", ("-O0",))],
+    ids=["avx512", "avx2", "neon", "avx512-O0", "avx2-O0"],
+)
+def test_kernel_matches_naive_conv(isa: str, optimize: tuple[str, ...], tmp_path: Path) -> None:
+    """Built as maskparam builds it, and at -O0, where nothing is inlined but what must be."""
     machine = platform.machine().lower()
     native = isa in tap_kernel._MACHINE_ISAS.get(machine, ())
     if native:
@@ -32,7 +37,7 @@ def test_kernel_matches_naive_conv(isa: str, tmp_path: Path) -> None:
             pytest.skip("no C compiler")
         flags = [f for f in tap_kernel.FLAGS if f not in ("-shared", "-fPIC")]
         binary = tmp_path / "test_tapconv"
-        build = [compiler, *flags, *tap_kernel.ISAS[isa][1], "-Wall", "-Werror", "-o"]
+        build = [compiler, *flags, *optimize, *tap_kernel.ISAS[isa][1], "-Wall", "-Werror", "-o"]
         subprocess.run([*build, str(binary), str(HARNESS), "-lm"], check=True, timeout=120)
         command = [str(binary)]
     elif isa == "neon":
