@@ -656,9 +656,15 @@ static const wg_block_fn wg_small[OV_MAX + 1] = {0, wg_block_1_8, wg_block_2_4};
 #endif
 
 /* Floats of g, position-major, per thread: 32 KB, which stay in L1 (with the rows of x they
- * meet) while every tap and block of channels reads them. A whole plane at a time (128 KB on
- * the 3-D benchmark cases) came from L2 on each pass, and the weight gradient took 5% more. */
+ * meet) while every tap and block of channels reads them, as long as that makes WG_MIN_POS
+ * positions or more. A whole plane at a time (128 KB on the 3-D benchmark cases, 32 output
+ * channels) came from L2 on each pass, and the weight gradient took 5% more. With more output
+ * channels, fewer positions would leave the fixed cost of each block's sums (loaded, stored)
+ * to too little work: 64 positions for 128 channels took 12% more than 512 in 256 KB, so
+ * those take WG_CHUNK_MAX. */
 #define WG_CHUNK (1 << 13)
+#define WG_CHUNK_MAX (1 << 16)
+#define WG_MIN_POS 128
 
 /* One rectangle [ha, hb) x [wa, wb) of output plane q of sample n: its g, position-major,
  * into gT (row stride cw positions), then every tap's sums over the part of the rectangle
@@ -733,9 +739,11 @@ static int wg_channels(const tap_geometry* g, const float* x, const float* gy, f
     int64_t P = H * W, G = (C + SB_MAX) * T * O;
     /* g goes position-major a rectangle at a time, at most WG_CHUNK values: whole rows
        while they fit, else pieces of one row */
+    int64_t rect = WG_CHUNK / O >= WG_MIN_POS ? WG_CHUNK / O : WG_CHUNK_MAX / O;
+    if (rect < 16) rect = 16;
     int64_t ch = 1, cw = W;
-    if (W * O <= WG_CHUNK) ch = WG_CHUNK / (W * O);
-    else cw = WG_CHUNK / O > 16 ? WG_CHUNK / O : 16;
+    if (W <= rect) ch = rect / W;
+    else cw = rect;
     float* acc_all = (float*)calloc((G + O) * nthreads, sizeof(float));
     int failed = !acc_all;
 #pragma omp parallel num_threads(nthreads) if (!failed)

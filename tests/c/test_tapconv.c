@@ -127,6 +127,11 @@ int main(void) {
        with fewer; rows longer than a rectangle, in pieces with a shorter last piece */
     ok &= one_case(1, 4, 2, WG_CHUNK / (32 * 2 * LANES) + 3, 32, 2 * LANES, 5, 2);
     ok &= one_case(1, 3, 1, 3, WG_CHUNK / (2 * LANES) + 7, 2 * LANES, 5, 2);
+    /* so many output channels that the rectangles take WG_CHUNK_MAX values */
+    {
+        int64_t many = (WG_CHUNK / WG_MIN_POS / LANES + 1) * LANES;
+        ok &= one_case(1, 3, 1, WG_CHUNK_MAX / (many * 32) + 2, 32, many, 5, 2);
+    }
     printf(ok ? "all cases match\n" : "some cases do not match\n");
     return ok ? 0 : 1;
 }
