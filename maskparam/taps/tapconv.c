@@ -660,11 +660,11 @@ static const wg_block_fn wg_small[OV_MAX + 1] = {0, wg_block_1_8, wg_block_2_4};
  * positions or more. A whole plane at a time (128 KB on the 3-D benchmark cases, 32 output
  * channels) came from L2 on each pass, and the weight gradient took 5% more. With more output
  * channels, fewer positions would leave the fixed cost of each block's sums (loaded, stored)
- * to too little work: 64 positions for 128 channels took 12% more than 512 in 256 KB, so
- * those take WG_CHUNK_MAX. */
+ * to too little work: 64 positions for 128 channels took 12% more than 512 in 256 KB, and
+ * 128 for 64 channels gained nothing, so those take WG_CHUNK_MAX. */
 #define WG_CHUNK (1 << 13)
 #define WG_CHUNK_MAX (1 << 16)
-#define WG_MIN_POS 128
+#define WG_MIN_POS 256
 
 /* One rectangle [ha, hb) x [wa, wb) of output plane q of sample n: its g, position-major,
  * into gT (row stride cw positions), then every tap's sums over the part of the rectangle
