@@ -737,8 +737,9 @@ static int wg_channels(const tap_geometry* g, const float* x, const float* gy, f
     /* per thread: (C + SB_MAX, T, O) weight sums (rows past C take the zero channels that pad
        the last block), then O bias sums */
     int64_t P = H * W, G = (C + SB_MAX) * T * O;
-    /* g goes position-major a rectangle at a time, at most WG_CHUNK values: whole rows
-       while they fit, else pieces of one row */
+    /* g goes position-major a rectangle of rect positions at a time (WG_CHUNK values, or
+       WG_CHUNK_MAX for many channels, see there; 16 positions at least): whole rows while
+       they fit, else pieces of one row */
     int64_t rect = WG_CHUNK / O >= WG_MIN_POS ? WG_CHUNK / O : WG_CHUNK_MAX / O;
     if (rect < 16) rect = 16;
     int64_t ch = 1, cw = W;
