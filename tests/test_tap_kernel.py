@@ -190,10 +190,13 @@ class TestAVX2:
     ) -> None:
         check_kernel_matches_dense(case, data)
 
-    @pytest.mark.parametrize(("c_in", "c_out"), [(5, 8), (3, 16), (16, 32), (5, 40), (2, 80)])
+    @pytest.mark.parametrize(
+        ("c_in", "c_out"), [(5, 8), (12, 8), (16, 8), (3, 16), (16, 32), (5, 40), (2, 80)]
+    )
     def test_both_weight_gradients_match_dense(self, c_in: int, c_out: int) -> None:
         variant = tap_kernel.weight_grad_variant(c_in, c_out, 7)
-        assert variant == ("channels" if c_out % 8 == 0 and c_out >= 16 else "positions")
+        by_channels = c_out % 8 == 0 and (c_out >= 16 or c_in >= 16)
+        assert variant == ("channels" if by_channels else "positions")
         check_shaped_kernel(nn.Conv3d, cross3d(), (2, c_in, 5, 9, 11), c_out, {"padding": 1})
 
 

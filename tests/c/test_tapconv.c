@@ -127,6 +127,10 @@ int main(void) {
        with fewer; rows longer than a rectangle, in pieces with a shorter last piece */
     ok &= one_case(1, 4, 2, WG_CHUNK / (32 * 2 * LANES) + 3, 32, 2 * LANES, 5, 2);
     ok &= one_case(1, 3, 1, 3, WG_CHUNK / (2 * LANES) + 7, 2 * LANES, 5, 2);
+    /* one vector of output channels, by channels: input channels that fill blocks of 8, and
+       that leave the last block part-empty */
+    ok &= one_case(1, 16, 2, 5, 9, LANES, 5, 2);
+    ok &= one_case(2, 17, 1, 6, 7, LANES, 7, 2);
     /* so many output channels that the rectangles take WG_CHUNK_MAX values */
     {
         int64_t many = (WG_CHUNK / WG_MIN_POS / LANES + 1) * LANES;
