@@ -29,13 +29,13 @@
  * multiple of 4 KB apart, so read in place they share L1 sets and evict each other. With
  * fewer output channels the copy costs more than it saves, and each block reads x in place.
  * tap_weight_grad, two variants (tap_weight_grad_variant says which runs):
- * "channels" (O a multiple of LANES, at least 2 * LANES) puts output channels in the lanes
- * and goes in parallel over (n, q), then rectangles of a plane (whose g it transposes to
- * position-major, LANES x LANES at a time), then taps, then blocks of SB input channels,
- * then positions; "positions" puts positions in the lanes and goes in parallel over (n, q),
- * then blocks of WO output channels, then blocks of WK (channel, tap) pairs, then vectors of
- * positions. Both keep per-thread partial sums (tap_weight_grad_scratch bytes per thread)
- * that add up at the end.
+ * "channels" (O a multiple of LANES, at least 2 * LANES, or LANES with C >= 16) puts output
+ * channels in the lanes and goes in parallel over (n, q), then rectangles of a plane (whose g
+ * it transposes to position-major, LANES x LANES at a time), then taps, then blocks of SB
+ * input channels, then positions; "positions" puts positions in the lanes and goes in
+ * parallel over (n, q), then blocks of WO output channels, then blocks of WK (channel, tap)
+ * pairs, then vectors of positions. Both keep per-thread partial sums
+ * (tap_weight_grad_scratch bytes per thread) that add up at the end.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -596,9 +596,9 @@ static int wg_positions(const tap_geometry* g, const float* x, const float* gy, 
 
 /* -- weight gradient, output channels in the lanes ------------------------------------------ */
 
-/* For O a multiple of LANES, at least 2 * LANES. Each thread copies a rectangle of a plane of
- * g to position-major order, then for each tap and block of SB input channels sums x
- * (broadcast) times a row of that copy over the positions where the tap reads inside the
+/* For O a multiple of LANES (see tap_weight_grad_variant). Each thread copies a rectangle of
+ * a plane of g to position-major order, then for each tap and block of SB input channels sums
+ * x (broadcast) times a row of that copy over the positions where the tap reads inside the
  * plane, OV * SB vectors in registers. The SB rows of x are offsets from the first, so the
  * loop over positions steps one pointer: stepping SB pointers cost 5% of its time. */
 #define WG_KERNEL(OV, SB)                                                                      \
