@@ -738,8 +738,8 @@ static int wg_channels(const tap_geometry* g, const float* x, const float* gy, f
                        float* gb) {
     const int64_t N = g->N, C = g->C, H = g->H, W = g->W, O = g->O, Do = g->Do, T = g->T;
     const int nthreads = (int)g->nthreads;
-    /* per thread: (C + SB_MAX, T, O) weight sums (rows past C take the zero channels that pad
-       the last block), then O bias sums */
+    /* per thread: (C + SB_MAX, T, O) weight sums (rows past C take the sums of the channels
+       that pad the last block, which are dropped), then O bias sums */
     int64_t P = H * W, G = (C + SB_MAX) * T * O;
     /* g goes position-major a rectangle of rect positions at a time (WG_CHUNK values, or
        WG_CHUNK_MAX for many channels, see there; 16 positions at least): whole rows while
