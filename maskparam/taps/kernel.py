@@ -199,6 +199,9 @@ class Geometry(ctypes.Structure):
         *((name, ctypes.c_int64) for name in ("N", "C", "D", "H", "W", "O", "Do", "T")),
         ("taps", ctypes.c_void_p),
         ("nthreads", ctypes.c_int64),
+        ("index", ctypes.c_void_p),
+        ("kernel", ctypes.c_int64),
+        ("input_grad", ctypes.c_int64),
     ]
 
 
@@ -467,30 +470,19 @@ def _as_planes(t: Tensor) -> Tensor:
     return t
 
 
-def _pack(w: Tensor, index: Tensor, block: int, order: tuple[int, int, int]) -> Tensor:
-    """The active taps of ``w`` as the kernel's forward reads them.
-
-    ``w`` (O, C_in, *kernel) gives its active taps as (O, C_in, T), permuted by ``order``
-    to (T, A, B); B, padded with zeros to a multiple of ``block``, is cut into blocks:
-    returns (T, B / block, A, block), contiguous.
-    """
-    taps = w.flatten(2).index_select(2, index)  # (O, C, T)
-    packed = taps.permute(*order)
-    pad = -packed.shape[2] % block
-    if pad:
-        packed = torch.nn.functional.pad(packed, (0, pad))
-    t, a, b = packed.shape
-    return packed.reshape(t, a, b // block, block).transpose(1, 2).contiguous()
-
-
 def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
 def _geometry(
-    n: int, c: int, d: int, h: int, w: int, o: int, d_out: int, offsets: Tensor
+    sizes: tuple[int, ...], offsets: Tensor, index: Tensor, w: Tensor, input_grad: bool = False
 ) -> Geometry:
-    return Geometry(n, c, d, h, w, o, d_out, offsets.shape[0], offsets.data_ptr(), _threads())
+    """``sizes``: N, C, D, H, W, O, Do; ``w``: the conv's weight, lifted as the input is."""
+    kernel = w[0, 0].numel()
+    return Geometry(
+        *sizes, offsets.shape[0], offsets.data_ptr(), _threads(),
+        index.data_ptr(), kernel, int(input_grad),
+    )  # fmt: skip
 
 
 def _ok(status_code: int) -> None:
@@ -512,21 +504,20 @@ def conv(
     index: Tensor,
     out_size: Sequence[int],
 ) -> Tensor:
-    """The conv's output: ``(N, O, *out_size)``, contiguous (no autograd)."""
+    """The conv's output: ``(N, O, *out_size)``, contiguous (no autograd).
+
+    The kernel reads ``w`` and ``bias`` as they are: it packs the weight itself.
+    """
     planes = _as_planes(x)
     n, c, d, h, width = planes.shape
-    o = w.shape[0]
+    w = w.detach().contiguous()
+    b = None if bias is None else bias.detach().contiguous()
+    y = torch.empty((x.shape[0], w.shape[0], *out_size), dtype=x.dtype)
     d_out = out_size[0] if len(out_size) == 3 else 1
-    lib = _lib()
-    wp = _pack(w.detach(), index, lib.tap_out_block(), (2, 1, 0))
-    b = None
-    if bias is not None:
-        b = torch.nn.functional.pad(bias.detach(), (0, wp.shape[1] * wp.shape[3] - o)).contiguous()
-    y = torch.empty((x.shape[0], o, *out_size), dtype=x.dtype)
-    geometry = _geometry(n, c, d, h, width, o, d_out, offsets)
+    geometry = _geometry((n, c, d, h, width, w.shape[0], d_out), offsets, index, w)
     _ok(
-        lib.tap_forward(
-            ctypes.byref(geometry), planes.data_ptr(), wp.data_ptr(),
+        _lib().tap_forward(
+            ctypes.byref(geometry), planes.data_ptr(), w.data_ptr(),
             None if b is None else b.data_ptr(), y.data_ptr(),
         )
     )  # fmt: skip
@@ -541,39 +532,38 @@ def conv_backward(
     index: Tensor,
     needs: Sequence[bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The gradients of input, weight and bias that ``needs`` asks for (no autograd)."""
+    """The gradients of input, weight and bias that ``needs`` asks for (no autograd).
+
+    The kernel writes them in torch's layout: the weight gradient whole, zero off the taps.
+    """
     need_x, need_w, need_b = needs
     lib = _lib()
     g = grad.contiguous()
     gp, xp = _as_planes(g), _as_planes(x)
     n, o, d_out, h, width = gp.shape
     c, d = xp.shape[1], xp.shape[2]
-    t = offsets.shape[0]
+    w = w.detach().contiguous()
     grad_x = grad_w = grad_b = None
     if need_x:
-        wpb = _pack(w.detach(), index, lib.tap_out_block(), (2, 0, 1))
         grad_x = torch.empty(x.shape, dtype=x.dtype)
-        back = (-offsets).contiguous()
-        geometry = _geometry(n, o, d_out, h, width, c, d, back)
+        # The input gradient is the forward with the taps negated and the weight transposed.
+        geometry = _geometry((n, o, d_out, h, width, c, d), offsets, index, w, input_grad=True)
         _ok(
             lib.tap_forward(
-                ctypes.byref(geometry), gp.data_ptr(), wpb.data_ptr(), None, grad_x.data_ptr()
+                ctypes.byref(geometry), gp.data_ptr(), w.data_ptr(), None, grad_x.data_ptr()
             )
         )
     if need_w or need_b:
-        gwp = torch.empty((c, t, o), dtype=x.dtype)
-        gb = torch.empty(o, dtype=x.dtype) if need_b else None
-        geometry = _geometry(n, c, d, h, width, o, d_out, offsets)
+        grad_w = torch.empty(w.shape, dtype=w.dtype) if need_w else None
+        grad_b = torch.empty(o, dtype=x.dtype) if need_b else None
+        geometry = _geometry((n, c, d, h, width, o, d_out), offsets, index, w)
         _ok(
             lib.tap_weight_grad(
-                ctypes.byref(geometry), xp.data_ptr(), gp.data_ptr(), gwp.data_ptr(),
-                None if gb is None else gb.data_ptr(),
+                ctypes.byref(geometry), xp.data_ptr(), gp.data_ptr(),
+                None if grad_w is None else grad_w.data_ptr(),
+                None if grad_b is None else grad_b.data_ptr(),
             )
         )  # fmt: skip
-        if need_w:
-            grad_w = torch.zeros(w.shape, dtype=w.dtype)
-            grad_w.view(w.shape[0], w.shape[1], -1)[:, :, index] = gwp.permute(2, 0, 1)
-        grad_b = gb
     return grad_x, grad_w, grad_b
 
 

@@ -40,45 +40,79 @@ static int close_enough(const char* what, const float* got, const double* want, 
     double worst = 0.0;
     for (int64_t i = 0; i < count; i++) {
         double err = fabs(got[i] - want[i]) / (1e-3 * scale + fabs(want[i]));
-        if (err > worst) worst = err;
+        if (isnan(err) || err > worst) worst = err; /* a NaN stays: it fails the case */
     }
-    if (worst > 1e-4) printf("  %s: worst relative error %.3g\n", what, worst);
+    if (!(worst <= 1e-4)) printf("  %s: worst relative error %.3g\n", what, worst);
     return worst <= 1e-4;
 }
 
-/* One case: forward (its weight in blocks of OB output channels, the last padded with
- * zeros), and the weight and bias gradients, against the naive sums in double. */
+/* The input gradient of sum(y * gy): gx[n, c, q, p] = sum_{o, t} w[t, c, o] gy[n, o, q - dq, p - off] */
+static void naive_input_grad(const tap_geometry* g, const float* gy, const float* w, double* gx) {
+    int64_t P = g->H * g->W;
+    for (int64_t i = 0; i < g->N * g->C * g->D * P; i++) gx[i] = 0.0;
+    for (int64_t n = 0; n < g->N; n++)
+        for (int64_t o = 0; o < g->O; o++)
+            for (int64_t q = 0; q < g->Do; q++)
+                for (int64_t p = 0; p < P; p++) {
+                    int64_t h = p / g->W, v = p % g->W;
+                    for (int64_t t = 0; t < g->T; t++) {
+                        int64_t sq = q + g->taps[3 * t], sh = h + g->taps[3 * t + 1];
+                        int64_t sw = v + g->taps[3 * t + 2];
+                        if (sq < 0 || sq >= g->D || sh < 0 || sh >= g->H || sw < 0 || sw >= g->W)
+                            continue;
+                        for (int64_t c = 0; c < g->C; c++)
+                            gx[((n * g->C + c) * g->D + sq) * P + sh * g->W + sw] +=
+                                (double)w[(t * g->C + c) * g->O + o] *
+                                gy[((n * g->O + o) * g->Do + q) * P + p];
+                    }
+                }
+}
+
+/* One case: the forward, the input gradient, and the weight and bias gradients, against the
+ * naive sums in double. The weight is torch's (O, C, kernel), the taps at places 2T - 1,
+ * 2T - 3, ..., 1 of a kernel of 2T + 1: the other places hold NaN, which no result may read,
+ * and the weight gradient must set to zero. */
 static int one_case(int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int64_t O, int64_t T,
                     int64_t reach) {
-    int64_t taps[3 * 64];
+    int64_t taps[3 * 64], index[64], KN = 2 * T + 1;
     if (T > 64) return 0;
-    for (int64_t t = 0; t < T; t++)
+    for (int64_t t = 0; t < T; t++) {
+        index[t] = 2 * (T - t) - 1;
         for (int a = 0; a < 3; a++)
             taps[3 * t + a] = (a == 0 && D == 1) ? 0 : (int64_t)((uniform() + 1.0) * (reach + 0.5)) - reach;
-    tap_geometry g = {N, C, D, H, W, O, D, T, taps, 2};
-    int64_t Opad = (O + OB - 1) / OB * OB, nob = Opad / OB, P = H * W;
+    }
+    tap_geometry g = {N, C, D, H, W, O, D, T, taps, 2, index, KN, 0};
+    tap_geometry gi = {N, O, D, H, W, C, D, T, taps, 2, index, KN, 1}; /* the input gradient */
+    int64_t P = H * W;
     float* x = malloc(sizeof(float) * N * C * D * P);
-    float* w = calloc(T * C * Opad, sizeof(float));
+    float* w = malloc(sizeof(float) * O * C * KN);
     float* wo = malloc(sizeof(float) * T * C * O);
-    float* b = calloc(Opad, sizeof(float));
+    float* b = malloc(sizeof(float) * O);
     float* y = malloc(sizeof(float) * N * O * D * P);
-    float* gw = malloc(sizeof(float) * C * T * O);
+    float* gx = malloc(sizeof(float) * N * C * D * P);
+    float* gw = malloc(sizeof(float) * O * C * KN);
     float* gb = malloc(sizeof(float) * O);
+    float* gb_alone = malloc(sizeof(float) * O);
     double* want = malloc(sizeof(double) * N * O * D * P);
-    double* want_gw = calloc(C * T * O, sizeof(double));
+    double* want_gx = malloc(sizeof(double) * N * C * D * P);
+    double* want_gw = calloc(O * C * KN, sizeof(double));
     double* want_gb = calloc(O, sizeof(double));
     for (int64_t i = 0; i < N * C * D * P; i++) x[i] = (float)uniform();
+    for (int64_t i = 0; i < O * C * KN; i++) w[i] = gw[i] = NAN;
     for (int64_t t = 0; t < T; t++)
         for (int64_t c = 0; c < C; c++)
             for (int64_t o = 0; o < O; o++)
-                wo[(t * C + c) * O + o] = w[((t * nob + o / OB) * C + c) * OB + o % OB] =
-                    (float)uniform();
+                wo[(t * C + c) * O + o] = w[(o * C + c) * KN + index[t]] = (float)uniform();
     for (int64_t o = 0; o < O; o++) b[o] = (float)uniform();
     int ok = tap_forward(&g, x, w, b, y) == 0;
     naive_forward(&g, x, wo, b, want);
     ok = ok && close_enough("forward", y, want, N * O * D * P, (double)C * T);
-    /* the weight gradient of sum(y * gy) with gy = want as a float: use y itself */
+    /* the gradients of sum(y * gy) with gy = want as a float: use y itself */
+    ok = ok && tap_forward(&gi, y, w, NULL, gx) == 0;
+    naive_input_grad(&g, y, wo, want_gx);
+    ok = ok && close_enough("input gradient", gx, want_gx, N * C * D * P, (double)O * T);
     ok = ok && tap_weight_grad(&g, x, y, gw, gb) == 0;
+    ok = ok && tap_weight_grad(&g, x, y, NULL, gb_alone) == 0; /* the bias gradient alone */
     for (int64_t n = 0; n < N; n++)
         for (int64_t o = 0; o < O; o++)
             for (int64_t q = 0; q < D; q++)
@@ -90,18 +124,20 @@ static int one_case(int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int64
                         int64_t sq = q + taps[3 * t], sh = h + taps[3 * t + 1], sw = v + taps[3 * t + 2];
                         if (sq < 0 || sq >= D || sh < 0 || sh >= H || sw < 0 || sw >= W) continue;
                         for (int64_t c = 0; c < C; c++)
-                            want_gw[(c * T + t) * O + o] += gy * x[((n * C + c) * D + sq) * P + sh * W + sw];
+                            want_gw[(o * C + c) * KN + index[t]] +=
+                                gy * x[((n * C + c) * D + sq) * P + sh * W + sw];
                     }
                 }
     double scale = (double)N * D * P * C * T;
-    ok = ok && close_enough("weight gradient", gw, want_gw, C * T * O, scale);
+    ok = ok && close_enough("weight gradient", gw, want_gw, O * C * KN, scale);
     ok = ok && close_enough("bias gradient", gb, want_gb, O, scale);
+    ok = ok && close_enough("bias gradient alone", gb_alone, want_gb, O, scale);
     printf("%s %s N=%lld C=%lld D=%lld H=%lld W=%lld O=%lld T=%lld weight gradient by %s\n",
            ok ? "ok  " : "FAIL", TAP_ISA, (long long)N, (long long)C, (long long)D, (long long)H,
            (long long)W, (long long)O, (long long)T,
            tap_weight_grad_variant(C, O, T) == WG_CHANNELS ? "channels" : "positions");
-    free(x), free(w), free(wo), free(b), free(y), free(gw), free(gb);
-    free(want), free(want_gw), free(want_gb);
+    free(x), free(w), free(wo), free(b), free(y), free(gx), free(gw), free(gb), free(gb_alone);
+    free(want), free(want_gx), free(want_gw), free(want_gb);
     return ok;
 }
 
