@@ -58,6 +58,7 @@
 #define WO 8        /* weight gradient, positions: output channels per tile */
 #define WK 3        /* weight gradient, positions: (channel, tap) pairs; WO * WK = 24 */
 #define OV_MAX 4    /* weight gradient, channels: vectors of output channels per block */
+#define WG_UNROLL 4 /* weight gradient, channels: positions per step of its inner loop */
 typedef __mmask16 lanes_t;
 static inline lanes_t lanes_from_bits(uint32_t bits) { return (lanes_t)bits; }
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -69,6 +70,7 @@ static inline lanes_t lanes_from_bits(uint32_t bits) { return (lanes_t)bits; }
 #define WO 4
 #define WK 2
 #define OV_MAX 2
+#define WG_UNROLL 1 /* 16 registers: 4 gained nothing (+0.6%) */
 typedef __m256i lanes_t;
 static inline lanes_t lanes_from_bits(uint32_t bits) {
     const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -82,11 +84,15 @@ static inline lanes_t lanes_from_bits(uint32_t bits) {
 #define WO 8
 #define WK 3
 #define OV_MAX 4
+#define WG_UNROLL 1 /* not timed */
 typedef uint32_t lanes_t;
 static inline lanes_t lanes_from_bits(uint32_t bits) { return bits; }
 #else
 #error "maskparam's tap kernel needs AVX-512, AVX2 with FMA, or ARM64 NEON"
 #endif
+
+#define PRAGMA(x) _Pragma(#x)
+#define UNROLL(n) PRAGMA(GCC unroll n)
 
 #define FULL_BITS ((uint32_t)((1ull << LANES) - 1))
 #define LINE 16 /* floats in a cache line of 64 bytes */
@@ -669,7 +675,9 @@ static int wg_positions(const tap_geometry* g, const float* x, const float* gy, 
  * a plane of g to position-major order, then for each tap and block of SB input channels sums
  * x (broadcast) times a row of that copy over the positions where the tap reads inside the
  * plane, OV * SB vectors in registers. The SB rows of x are offsets from the first, so the
- * loop over positions steps one pointer: stepping SB pointers cost 5% of its time. */
+ * loop over positions steps one pointer: stepping SB pointers cost 5% of its time. Unrolled
+ * four times on AVX-512, it takes 2-8% less time than one position a step (32 registers;
+ * the 3-D cross, 4%). */
 #define WG_KERNEL(OV, SB)                                                                      \
     static void wg_block_##OV##_##SB(const float* const* xs, const float* gT, int64_t O,        \
                                      int64_t W, int64_t h0, int64_t h1, int64_t w0,             \
@@ -682,6 +690,7 @@ static int wg_positions(const tap_geometry* g, const float* x, const float* gy, 
             for (int v = 0; v < OV; v++) acc[i][v] = (vf){0};                                   \
         for (int64_t h = h0; h < h1; h++) {                                                     \
             const float* gp = gT + ((h - ha) * cw + (w0 - wa)) * O;                             \
+            UNROLL(WG_UNROLL)                                                                   \
             for (int64_t w = w0; w < w1; w++, gp += O) {                                        \
                 const float* xp = xs[0] + h * W + w;                                            \
                 vf gv[OV];                                                                      \
