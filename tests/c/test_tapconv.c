@@ -159,6 +159,9 @@ int main(void) {
     ok &= one_case(1, 5, 2, 5, 9, 2 * OB < PACK_MIN ? 2 * OB : OB + 1, 4, 1);
     ok &= one_case(1, 3, 2, 4, 5, 2 * OB, 3, 4);
     ok &= one_case(1, 6, 1, 3, 2 * LANES + 5, 3 * LANES, 5, 2);
+    /* two blocks of output channels over planes a whole number of vectors long: the runs
+       whose vectors lie whole and aligned in x are read in place, the others packed */
+    ok &= one_case(2, 6, 3, 4, 2 * LANES, 2 * OB, 9, 1);
     /* planes the weight gradient takes a rectangle at a time: several rows each, the last
        with fewer; rows longer than a rectangle, in pieces with a shorter last piece */
     ok &= one_case(1, 4, 2, WG_CHUNK / (32 * 2 * LANES) + 3, 32, 2 * LANES, 5, 2);
