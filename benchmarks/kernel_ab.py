@@ -1,0 +1,102 @@
+"""Two tap kernels in one process: this checkout's against another checkout's.
+
+``python benchmarks/kernel_ab.py --against ../old-checkout`` times, for each case of
+``bench.py``'s section 2, forward+backward of one masked layer with ``execution="taps"``
+twice per round: once as it runs here ("new"), and once with the other checkout's
+``maskparam/taps/kernel.py`` (built from its own ``tapconv.c``) doing the kernel calls
+("old"); dense and the FMA probe are timed among them, as bench.py does. It prints the median
+of the per-round ratio new/old, with its 10th-90th percentile spread, and each against dense.
+
+Timing the two kernels round by round in one process cancels what separate bench.py runs
+cannot: the load of a shared machine, and a dense time that swings from run to run. The other
+checkout's ``kernel.py`` must offer ``conv`` and ``conv_backward`` with this one's arguments
+(the case since issue 12's kernel). ``--isa avx2`` runs both kernels, and dense, as on a CPU
+without AVX-512 (see bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+
+def _load_other(checkout: Path) -> ModuleType:
+    path = checkout / "maskparam" / "taps" / "kernel.py"
+    spec = importlib.util.spec_from_file_location("maskparam_other_kernel", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"no kernel.py at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", required=True, type=Path, help="the other checkout's root")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (20)")
+    parser.add_argument("--cases", default="", help="only cases whose name contains this")
+    parser.add_argument("--isa", choices=["native", "avx2", "avx512"], default="native")
+    args = parser.parse_args(argv)
+    if args.isa != "native" and os.environ.get("MASKPARAM_TAP_ISA") != args.isa:
+        env = {**os.environ, "MASKPARAM_TAP_ISA": args.isa}
+        if args.isa == "avx2":
+            env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+        sys.stdout.flush()
+        given = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *given], env)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench  # the cases, the timer and the ratios of bench.py
+
+    from maskparam.apply import apply_mask
+    from maskparam.taps import kernel
+
+    other = _load_other(args.against.resolve())
+    if kernel.library() is None or other.library() is None:
+        raise SystemExit(f"a kernel does not run: {kernel.status()}; {other.status()}")
+    print(
+        f"this kernel {kernel.status()} against {args.against}: {other.status()}; "
+        f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(unset)')}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} rounds"
+    )
+    device = torch.device("cpu")
+    timer = bench.Timer(device)
+    probe = bench.fma_probe_step(torch.get_num_threads())
+    ours = (kernel.conv, kernel.conv_backward)
+    for case in [c for c in bench.TAP_CASES if args.cases in str(c)]:
+        dense = apply_mask(case.layer(device), case.mask)
+        tapped = apply_mask(case.layer(device), case.mask, execution="taps")
+        x = case.input(device)
+        grad = torch.randn_like(dense(x))
+        step = bench.fwd_bwd(tapped, x, grad)
+
+        def other_step(step: bench.Fn = step) -> None:
+            kernel.conv, kernel.conv_backward = other.conv, other.conv_backward
+            try:
+                step()
+            finally:
+                kernel.conv, kernel.conv_backward = ours
+
+        fns = {"dense": bench.fwd_bwd(dense, x, grad), "new": step, "old": other_step}
+        if probe is not None:
+            fns["peak"] = probe[0]
+        times = bench.interleaved(fns, args.rounds, timer)
+        per_round = [a / b for a, b in zip(times["new"], times["old"], strict=True)]
+        print(
+            f"{case!s:44s} new/old {statistics.median(per_round):.3f} "
+            f"[{bench.quantile(per_round, 0.1):.2f}-{bench.quantile(per_round, 0.9):.2f}]  "
+            f"new/dense {bench.ratio(times, 'new', 'dense')}  "
+            f"old/dense {bench.ratio(times, 'old', 'dense')}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
