@@ -5,13 +5,17 @@
 twice per round: once as it runs here ("new"), and once with the other checkout's
 ``maskparam/taps/kernel.py`` (built from its own ``tapconv.c``) doing the kernel calls
 ("old"); dense and the FMA probe are timed among them, as bench.py does. It prints the median
-of the per-round ratio new/old, with its 10th-90th percentile spread, and each against dense.
+of the ratio new/old over pairs of rounds, with its 10th-90th percentile spread, and each
+against dense (per round, as bench.py gives it).
 
 Timing the two kernels round by round in one process cancels what separate bench.py runs
-cannot: the load of a shared machine, and a dense time that swings from run to run. The other
-checkout's ``kernel.py`` must offer ``conv`` and ``conv_backward`` with this one's arguments
-(the case since issue 12's kernel). ``--isa avx2`` runs both kernels, and dense, as on a CPU
-without AVX-512 (see bench.py).
+cannot: the load of a shared machine, and a dense time that swings from run to run. What runs
+just before a step matters too: right after dense (which leaves the caches cold and returns
+memory to the system) a step takes a few percent longer. So each round runs dense, then the
+two kernels, then the probe, and every other round the kernels swap places; a ratio is taken
+over two such rounds, one of each order. The other checkout's ``kernel.py`` must offer
+``conv`` and ``conv_backward`` with this one's arguments (the case since issue 12's kernel).
+``--isa avx2`` runs both kernels, and dense, as on a CPU without AVX-512 (see bench.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import importlib.util
 import os
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -35,6 +40,20 @@ def _load_other(checkout: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _paired_rounds(
+    fns: dict[str, Callable[[], object]], rounds: int, timer: Callable[..., float]
+) -> dict[str, list[float]]:
+    """Seconds per round of each: dense, new, old, peak; new and old swap every other round."""
+    for name in fns:  # a warm-up of each
+        fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds + rounds % 2):
+        pair = ["new", "old"] if r % 2 == 0 else ["old", "new"]
+        for name in ["dense", *pair, *(["peak"] if "peak" in fns else [])]:
+            times[name].append(timer(fns[name]))
+    return times
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,11 +106,14 @@ def main(argv: list[str] | None = None) -> None:
         fns = {"dense": bench.fwd_bwd(dense, x, grad), "new": step, "old": other_step}
         if probe is not None:
             fns["peak"] = probe[0]
-        times = bench.interleaved(fns, args.rounds, timer)
-        per_round = [a / b for a, b in zip(times["new"], times["old"], strict=True)]
+        times = _paired_rounds(fns, args.rounds, timer)
+        pairs = [
+            (times["new"][i] + times["new"][i + 1]) / (times["old"][i] + times["old"][i + 1])
+            for i in range(0, len(times["new"]) - 1, 2)
+        ]
         print(
-            f"{case!s:44s} new/old {statistics.median(per_round):.3f} "
-            f"[{bench.quantile(per_round, 0.1):.2f}-{bench.quantile(per_round, 0.9):.2f}]  "
+            f"{case!s:44s} new/old {statistics.median(pairs):.3f} "
+            f"[{bench.quantile(pairs, 0.1):.2f}-{bench.quantile(pairs, 0.9):.2f}]  "
             f"new/dense {bench.ratio(times, 'new', 'dense')}  "
             f"old/dense {bench.ratio(times, 'old', 'dense')}",
             flush=True,
