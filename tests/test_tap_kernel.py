@@ -323,7 +323,7 @@ def test_kernel_results_are_the_same_bits_from_call_to_call(channels: tuple[int,
     x = torch.randn(2, c_in, 12, 16, 16)
     grad = torch.randn(2, c_out, 12, 16, 16)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(threads, 4))  # more threads than jobs split evenly
+    torch.set_num_threads(max(threads, 4))  # more threads than cores: they finish unevenly
     try:
         results = [run(tapped, x, grad) for _ in range(6)]
     finally:
