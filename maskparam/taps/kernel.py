@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -478,7 +479,7 @@ def _geometry(
     sizes: tuple[int, ...], offsets: Tensor, index: Tensor, w: Tensor, input_grad: bool = False
 ) -> Geometry:
     """``sizes``: N, C, D, H, W, O, Do; ``w``: the conv's weight, lifted as the input is."""
-    kernel = w[0, 0].numel()
+    kernel = math.prod(w.shape[2:])
     return Geometry(
         *sizes, offsets.shape[0], offsets.data_ptr(), _threads(),
         index.data_ptr(), kernel, int(input_grad),
