@@ -13,26 +13,33 @@ static double uniform(void) { /* xorshift64, in [-1, 1) */
     return (double)(rng >> 11) / (double)(1ull << 52) - 1.0;
 }
 
-/* y[n, o, q, h, w] = bias[o] + sum_{c, t} w[t, c, o] x[n, c, q + dq, h + dh, w + dw] */
+/* Where output position (q, p) of a plane reads tap t of g's taps: the input plane's offset
+ * (sq * H * W + row * W + column) within a channel, or -1 where the tap reads padding. */
+static int64_t source(const tap_geometry* g, int64_t q, int64_t p, int64_t t) {
+    int64_t sq = q + g->taps[3 * t], sh = p / g->W + g->taps[3 * t + 1];
+    int64_t sw = p % g->W + g->taps[3 * t + 2];
+    if (sq < 0 || sq >= g->D || sh < 0 || sh >= g->H || sw < 0 || sw >= g->W) return -1;
+    return (sq * g->H + sh) * g->W + sw;
+}
+
+/* y[n, o, q, p] = bias[o] + sum_{c, t} w[t, c, o] x[n, c, source(q, p, t)] */
 static void naive_forward(const tap_geometry* g, const float* x, const float* w, const float* b,
                           double* y) {
+    int64_t P = g->H * g->W;
     for (int64_t n = 0; n < g->N; n++)
         for (int64_t o = 0; o < g->O; o++)
             for (int64_t q = 0; q < g->Do; q++)
-                for (int64_t h = 0; h < g->H; h++)
-                    for (int64_t v = 0; v < g->W; v++) {
-                        double s = b ? b[o] : 0.0;
-                        for (int64_t t = 0; t < g->T; t++) {
-                            int64_t sq = q + g->taps[3 * t], sh = h + g->taps[3 * t + 1];
-                            int64_t sw = v + g->taps[3 * t + 2];
-                            if (sq < 0 || sq >= g->D || sh < 0 || sh >= g->H || sw < 0 || sw >= g->W)
-                                continue;
-                            for (int64_t c = 0; c < g->C; c++)
-                                s += (double)w[(t * g->C + c) * g->O + o] *
-                                     x[(((n * g->C + c) * g->D + sq) * g->H + sh) * g->W + sw];
-                        }
-                        y[(((n * g->O + o) * g->Do + q) * g->H + h) * g->W + v] = s;
+                for (int64_t p = 0; p < P; p++) {
+                    double s = b ? b[o] : 0.0;
+                    for (int64_t t = 0; t < g->T; t++) {
+                        int64_t at = source(g, q, p, t);
+                        if (at < 0) continue;
+                        for (int64_t c = 0; c < g->C; c++)
+                            s += (double)w[(t * g->C + c) * g->O + o] *
+                                 x[(n * g->C + c) * g->D * P + at];
                     }
+                    y[((n * g->O + o) * g->Do + q) * P + p] = s;
+                }
 }
 
 static int close_enough(const char* what, const float* got, const double* want, int64_t count,
@@ -46,26 +53,22 @@ static int close_enough(const char* what, const float* got, const double* want, 
     return worst <= 1e-4;
 }
 
-/* The input gradient of sum(y * gy): gx[n, c, q, p] = sum_{o, t} w[t, c, o] gy[n, o, q - dq, p - off] */
+/* The input gradient of sum(y * gy): gx[n, c, source(q, p, t)] += w[t, c, o] gy[n, o, q, p] */
 static void naive_input_grad(const tap_geometry* g, const float* gy, const float* w, double* gx) {
     int64_t P = g->H * g->W;
     for (int64_t i = 0; i < g->N * g->C * g->D * P; i++) gx[i] = 0.0;
     for (int64_t n = 0; n < g->N; n++)
         for (int64_t o = 0; o < g->O; o++)
             for (int64_t q = 0; q < g->Do; q++)
-                for (int64_t p = 0; p < P; p++) {
-                    int64_t h = p / g->W, v = p % g->W;
+                for (int64_t p = 0; p < P; p++)
                     for (int64_t t = 0; t < g->T; t++) {
-                        int64_t sq = q + g->taps[3 * t], sh = h + g->taps[3 * t + 1];
-                        int64_t sw = v + g->taps[3 * t + 2];
-                        if (sq < 0 || sq >= g->D || sh < 0 || sh >= g->H || sw < 0 || sw >= g->W)
-                            continue;
+                        int64_t at = source(g, q, p, t);
+                        if (at < 0) continue;
                         for (int64_t c = 0; c < g->C; c++)
-                            gx[((n * g->C + c) * g->D + sq) * P + sh * g->W + sw] +=
+                            gx[(n * g->C + c) * g->D * P + at] +=
                                 (double)w[(t * g->C + c) * g->O + o] *
                                 gy[((n * g->O + o) * g->Do + q) * P + p];
                     }
-                }
 }
 
 /* One case: the forward, the input gradient, and the weight and bias gradients, against the
@@ -119,13 +122,11 @@ static int one_case(int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, int64
                 for (int64_t p = 0; p < P; p++) {
                     double gy = y[((n * O + o) * D + q) * P + p];
                     want_gb[o] += gy;
-                    int64_t h = p / W, v = p % W;
                     for (int64_t t = 0; t < T; t++) {
-                        int64_t sq = q + taps[3 * t], sh = h + taps[3 * t + 1], sw = v + taps[3 * t + 2];
-                        if (sq < 0 || sq >= D || sh < 0 || sh >= H || sw < 0 || sw >= W) continue;
+                        int64_t at = source(&g, q, p, t);
+                        if (at < 0) continue;
                         for (int64_t c = 0; c < C; c++)
-                            want_gw[(o * C + c) * KN + index[t]] +=
-                                gy * x[((n * C + c) * D + sq) * P + sh * W + sw];
+                            want_gw[(o * C + c) * KN + index[t]] += gy * x[(n * C + c) * D * P + at];
                     }
                 }
     double scale = (double)N * D * P * C * T;
