@@ -584,6 +584,22 @@ def section_model(rounds: int, device: torch.device, timer: Timer) -> None:
 # -- main -----------------------------------------------------------------------------------
 
 
+def restart_for_isa(isa: str, argv: list[str] | None, script: Path) -> None:
+    """Run ``script`` again with ``--isa`` set in the environment, unless it is already.
+
+    ``avx2`` also caps oneDNN, which runs dense, at AVX2. oneDNN reads its cap when torch
+    loads, so the process starts again with the environment set (it does not return then).
+    """
+    if isa == "native" or os.environ.get("MASKPARAM_TAP_ISA") == isa:
+        return
+    env = {**os.environ, "MASKPARAM_TAP_ISA": isa}
+    if isa == "avx2":
+        env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+    sys.stdout.flush()
+    given = sys.argv[1:] if argv is None else argv
+    os.execve(sys.executable, [sys.executable, str(script.resolve()), *given], env)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (20)")
@@ -607,14 +623,7 @@ def main(argv: list[str] | None = None) -> None:
         help="the tap kernel's instruction set; avx2 also caps oneDNN (dense) at AVX2",
     )
     args = parser.parse_args(argv)
-    if args.isa != "native" and os.environ.get("MASKPARAM_TAP_ISA") != args.isa:
-        # oneDNN reads its cap when torch loads: start again with the environment set.
-        env = {**os.environ, "MASKPARAM_TAP_ISA": args.isa}
-        if args.isa == "avx2":
-            env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
-        sys.stdout.flush()
-        given = sys.argv[1:] if argv is None else argv
-        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *given], env)
+    restart_for_isa(args.isa, argv, Path(__file__))
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)

@@ -63,16 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", default="", help="only cases whose name contains this")
     parser.add_argument("--isa", choices=["native", "avx2", "avx512"], default="native")
     args = parser.parse_args(argv)
-    if args.isa != "native" and os.environ.get("MASKPARAM_TAP_ISA") != args.isa:
-        env = {**os.environ, "MASKPARAM_TAP_ISA": args.isa}
-        if args.isa == "avx2":
-            env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
-        sys.stdout.flush()
-        given = sys.argv[1:] if argv is None else argv
-        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *given], env)
-
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench  # the cases, the timer and the ratios of bench.py
+
+    bench.restart_for_isa(args.isa, argv, Path(__file__))
 
     from maskparam.apply import apply_mask
     from maskparam.taps import kernel
