@@ -129,7 +129,7 @@ def test_kernel_matches_dense(
         (nn.Conv3d, cross3d(), (1, 5, 4, 5, 6), 80, {"padding": 1}),
         (nn.Conv3d, cross3d(), (1, 5, 4, 5, 6), 40, {"padding": 1, "bias": False}),
         # an output and an input gradient of 4 and 2 MB, which the kernel writes with
-        # streaming stores (from 1 MB per thread: two threads on the CI machine)
+        # streaming stores on AVX-512 (from 1 MB per thread: two threads on the CI machine)
         (nn.Conv3d, cross3d(), (1, 16, 8, 64, 64), 32, {"padding": 1}),
     ],
 )

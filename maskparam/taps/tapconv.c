@@ -31,8 +31,8 @@
  * outside the plane zeroed) that every block reads from L1: the channel planes of x lie a
  * multiple of 4 KB apart, so read in place they share L1 sets and evict each other. With
  * fewer output channels the copy costs more than it saves, and each block reads x in place;
- * with two blocks, so do the pairs whose vectors lie whole and aligned in x. A large output
- * is written with streaming stores, which bypass the caches.
+ * with two blocks, so do the pairs whose vectors lie whole and aligned in x. On AVX-512, a
+ * large output is written with streaming stores, which bypass the caches.
  * tap_weight_grad, two variants (tap_weight_grad_variant says which runs):
  * "channels" (O a multiple of LANES, at least 2 * LANES, or LANES with C >= 16) puts output
  * channels in the lanes and goes in parallel over (n, q), then rectangles of a plane (whose g
@@ -140,24 +140,21 @@ static inline void store_lanes(lanes_t m, float* p, vf v) {
 #endif
 }
 
-/* v to p, which is aligned to the vector, around the caches: a store that does not first
- * read the line from memory. stream_fence orders such stores before those that follow (the
- * end of a call). ARM64 has no such store in GCC's vector extensions: a plain one. */
-static inline void stream_store(float* p, vf v) {
+/* v to p, a whole cache line, around the caches: a store that does not first read the line
+ * from memory. stream_fence orders such stores before those that follow (the end of a call).
+ * Only AVX-512 streams (STREAMS): an AVX2 vector is half a line, and the forward's tiles of
+ * three vectors end mid-line, so a line's halves are written apart, which is slow (the 5x5x5
+ * ball on (8, 8->8, 32^3) took 21% more time). ARM64 has no such store in GCC's vector
+ * extensions. */
 #if LANES == 16
-    _mm512_stream_ps(p, (__m512)v);
-#elif defined(__AVX2__)
-    _mm256_stream_ps(p, (__m256)v);
+#define STREAMS 1
+static inline void stream_store(float* p, vf v) { _mm512_stream_ps(p, (__m512)v); }
+static inline void stream_fence(void) { _mm_sfence(); }
 #else
-    storeu(p, v);
+#define STREAMS 0
+static inline void stream_store(float* p, vf v) { storeu(p, v); }
+static inline void stream_fence(void) {}
 #endif
-}
-
-static inline void stream_fence(void) {
-#if defined(__AVX2__)
-    _mm_sfence();
-#endif
-}
 
 /* Lanes interleaved: (a0, b0, a1, b1, ...) from the lower halves of a and b, or the upper. */
 #if LANES == 16
@@ -442,15 +439,15 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
        costs more than it saves: they read x in place. */
     const int packed = nob > 1 && Opad >= PACK_MIN, in_place = nob <= 2 && (D * P) % LANES == 0;
     /* An output of STREAM_MIN per thread or more does not stay in the caches for whatever
-       reads it next, so its whole vectors go around them (where they are aligned: y aligned
-       and P a multiple of LANES), and each line is no longer read from memory first. On an
-       AMD EPYC (Zen 4, AVX-512), the forward of the 3-D cross (4, 16->32, 32^3) takes 16%
-       less time and its input gradient 11%, while reading every line of the output back
+       reads it next, so on AVX-512 its whole vectors go around them (where they are aligned:
+       y aligned and P a multiple of LANES), and each line is no longer read from memory
+       first. On an AMD EPYC (Zen 4), the forward of the 3-D cross (4, 16->32, 32^3) takes
+       16% less time and its input gradient 11%, while reading every line of the output back
        afterwards takes 0.17 ms more (0.77 ms); on the Intel CPU of earlier sessions, no
        measurable change. */
     const double out_bytes = (double)sizeof(float) * N * O * Do * P;
-    const int stream = out_bytes >= (double)STREAM_MIN * g->nthreads && P % LANES == 0 &&
-                       ((uintptr_t)y & (sizeof(vf) - 1)) == 0;
+    const int stream = STREAMS && out_bytes >= (double)STREAM_MIN * g->nthreads &&
+                       P % LANES == 0 && ((uintptr_t)y & (sizeof(vf) - 1)) == 0;
     const int64_t mstride = tiles * NV;
     plane_masks masks;
     if (plane_masks_make(&masks, H, W, T, taps, mstride)) {

@@ -186,7 +186,7 @@ int main(void) {
         ok &= one_case(1, 3, 1, WG_CHUNK_MAX / (many * 32) + 2, 32, many, 5, 2);
     }
     /* outputs of STREAM_MIN per thread (the cases run two threads), packed and not: aligned,
-       their whole vectors stream (not on ARM64); a float off, none can */
+       their whole vectors stream (on AVX-512); a float off, none can */
     for (int64_t shift = 0; shift < 2; shift++) {
         ok &= one_case_at(1, 3, 4, 64, 64, 32, 3, 1, shift);
         ok &= one_case_at(2, 3, 8, 64, 64, 8, 3, 1, shift);
