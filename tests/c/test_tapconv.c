@@ -115,7 +115,8 @@ static int one_case_at(int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, in
     /* the gradients of sum(y * gy) with gy = want as a float: use y itself */
     ok = ok && tap_forward(&gi, y, w, NULL, gx) == 0;
     naive_input_grad(&g, y, wo, want_gx);
-    ok = ok && close_enough("input gradient", gx, want_gx, N * C * D * P, (double)O * T);
+    /* |gy| = |y| <= C * T, so each input gradient is at most O * T * C * T */
+    ok = ok && close_enough("input gradient", gx, want_gx, N * C * D * P, (double)O * T * C * T);
     ok = ok && tap_weight_grad(&g, x, y, gw, gb) == 0;
     ok = ok && tap_weight_grad(&g, x, y, NULL, gb_alone) == 0; /* the bias gradient alone */
     for (int64_t n = 0; n < N; n++)
@@ -172,6 +173,10 @@ int main(void) {
     /* two blocks of output channels over planes a whole number of vectors long: the runs
        whose vectors lie whole and aligned in x are read in place, the others packed */
     ok &= one_case(2, 6, 3, 4, 2 * LANES, 2 * OB, 9, 1);
+    /* the same with more pairs to pack than a chunk takes, and taps that all read in place
+       (every chunk's runs in place: as many runs as taps) */
+    ok &= one_case(1, KC / 2 + 5, 3, 4, 2 * LANES, 2 * OB, 9, 1);
+    ok &= one_case(1, 2, 3, 4, 2 * LANES, 2 * OB, 40, 0);
     /* planes the weight gradient takes a rectangle at a time: several rows each, the last
        with fewer; rows longer than a rectangle, in pieces with a shorter last piece */
     ok &= one_case(1, 4, 2, WG_CHUNK / (32 * 2 * LANES) + 3, 32, 2 * LANES, 5, 2);
