@@ -21,11 +21,20 @@ NEON_SCRIPT = Path(__file__).with_name("c") / "run_neon.sh"
 
 @pytest.mark.parametrize(
     ("isa", "optimize"),
-    [("avx512", ()), ("avx2", ()), ("neon", ()), ("avx512", ("-O0",)), ("avx2", ("-O0",))],
-    ids=["avx512", "avx2", "neon", "avx512-O0", "avx2-O0"],
+    [
+        ("avx512", ()),
+        ("avx2", ()),
+        ("neon", ()),
+        ("avx512", ("-O0",)),
+        ("avx2", ("-O0",)),
+        ("avx512", ("-DKC=4",)),
+        ("avx2", ("-DKC=4",)),
+    ],
+    ids=["avx512", "avx2", "neon", "avx512-O0", "avx2-O0", "avx512-KC4", "avx2-KC4"],
 )
 def test_kernel_matches_naive_conv(isa: str, optimize: tuple[str, ...], tmp_path: Path) -> None:
-    """Built as maskparam builds it, and at -O0, where nothing is inlined but what must be."""
+    """Built as maskparam builds it; at -O0, where nothing is inlined but what must be; and
+    with chunks of 4 pairs (KC), so that the forward crosses chunk boundaries often."""
     machine = platform.machine().lower()
     native = isa in tap_kernel._MACHINE_ISAS.get(machine, ())
     if native:

@@ -422,7 +422,9 @@ static inline void fwd_store(vf acc[OB][NV], float* y, int64_t O, int64_t Do, in
     }
 }
 
-#define KC 128      /* pairs (tap, input channel) packed at a time: KC * NV * LANES floats */
+#ifndef KC /* a test builds with a small one, to cross chunk boundaries often */
+#define KC 128 /* pairs (tap, input channel) packed at a time: KC * NV * LANES floats */
+#endif
 #define PACK_MIN 16 /* the fewest output channels (rounded up to OB) that pack */
 #define STREAM_MIN (1 << 20) /* bytes of output per thread from which stores stream */
 
@@ -515,15 +517,16 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
                     if (toff[k] > toff[lead]) lead = k;
                 /* the vectors of the tile that hold positions of the plane */
                 int nv = nvec - at.tile * NV < NV ? (int)(nvec - at.tile * NV) : NV;
-                for (int64_t j0 = 0; j0 < npairs || j0 == 0; j0 += KC) {
-                    int64_t j1 = j0 + KC < npairs ? j0 + KC : npairs;
-                    /* pack pairs j0 ... j1 - 1, tap-major, lanes outside the plane zero: a
-                       run of channels of one tap at a time */
-                    int64_t runs = 0;
-                    for (int64_t j = j0; j < j1; runs++) {
-                        int64_t k = j / C, c0 = j % C, c1 = C < c0 + (j1 - j) ? C : c0 + (j1 - j);
+                /* Chunks of pairs, tap-major, as runs of channels of one tap: at most KC
+                   pairs packed (lanes outside the plane zero) and KC runs per chunk. Pairs
+                   read in place do not count: the input gradient of the 3-D cross (4,
+                   16->32, 32^3) then takes one chunk per tile, not two. */
+                int64_t j = 0;
+                for (int first = 1;; first = 0) {
+                    int64_t runs = 0, packed = 0;
+                    while (j < npairs && runs < KC && packed < KC) {
+                        int64_t k = j / C, c0 = j % C, c1 = C;
                         int64_t m = tidx[k] * mstride + at.tile * NV;
-                        float* dst = buf + (j - j0) * NV * LANES;
                         const float* src = xn + c0 * D * P + toff[k];
                         int64_t ahead = k == lead ? NV * LANES : 0;
                         int full = all_on(masks.bits + m);
@@ -540,18 +543,21 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
                             run_x[runs] = src;
                             run_step[runs] = D * P;
                         } else {
+                            if (c1 - c0 > KC - packed) c1 = c0 + (KC - packed);
+                            float* dst = buf + packed * NV * LANES;
                             if (full)
                                 pack_run(dst, src, D * P, c1 - c0, masks.lanes + m, 1, ahead);
                             else
                                 pack_run(dst, src, D * P, c1 - c0, masks.lanes + m, 0, ahead);
                             run_x[runs] = dst;
                             run_step[runs] = NV * LANES;
+                            packed += c1 - c0;
                         }
                         run_w[runs] = wp + (tidx[k] * nob * C + c0) * OB;
-                        run_n[runs] = c1 - c0;
+                        run_n[runs++] = c1 - c0;
                         j += c1 - c0;
                     }
-                    int first = j0 == 0, last = j1 >= npairs;
+                    int last = j >= npairs;
                     for (int64_t o0 = 0; o0 < Opad; o0 += OB) {
                         vf acc[OB][NV];
                         float* pp = part + o0 * NV * LANES;
@@ -571,7 +577,7 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
                                 for (int v = 0; v < NV; v++)
                                     *(vf*)(pp + (o * NV + v) * LANES) = acc[o][v];
                     }
-                    if (npairs == 0) break;
+                    if (last) break;
                 }
             }
             if (stream) stream_fence();
