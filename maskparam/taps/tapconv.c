@@ -333,16 +333,27 @@ static inline __attribute__((always_inline)) void fwd_tap(vf acc[OB][NV], const 
     }
 }
 
-/* acc += the products of (tap, channel) pairs, in runs: run r is n[r] channels of one tap,
- * whose OB weights start at w[r] and step OB from channel to channel, and whose NV vectors
- * of x start at src[r] and step step[r] floats from channel to channel (in the packed buffer,
- * or in x itself). Only the first nv vectors (a constant where it is inlined): the last tile
- * of a plane may have fewer. */
+/* A run of (tap, input channel) pairs: n channels of one tap. Its OB weights of a block of
+ * output channels start at w plus the block's offset and step OB from channel to channel; its
+ * NV vectors of positions lie in x, step floats from channel to channel, the lanes of mask
+ * only (all of them if full). Where buf is not NULL, the first block stores each pair's
+ * vectors there as it reads them, one pair after another, and the blocks after it read them
+ * there; otherwise every block reads x in place. */
+typedef struct {
+    const float* w;
+    const float* x;
+    int64_t step, n;
+    const lanes_t* mask;
+    int full;
+    float* buf;
+} fwd_run;
+
+/* acc += the products of the pairs of runs for the block whose weights are woff floats on, the
+ * vectors read where the first block left them (see fwd_run). Only the first nv vectors (a
+ * constant where it is inlined): the last tile of a plane may have fewer. */
 static inline __attribute__((always_inline)) void fwd_pairs_nv(vf acc[OB][NV],
-                                                               const float* const* src,
-                                                               const int64_t* step,
-                                                               const float* const* w,
-                                                               const int64_t* n, int64_t runs,
+                                                               const fwd_run* run,
+                                                               int64_t runs, int64_t woff,
                                                                const int nv) {
     /* The sums in a local array, which no float pointer may alias: so they stay in
        registers even where fwd_pairs is not inlined. Summed through acc itself, they would
@@ -350,9 +361,10 @@ static inline __attribute__((always_inline)) void fwd_pairs_nv(vf acc[OB][NV],
     vf a[OB][NV];
     memcpy(a, acc, sizeof a);
     for (int64_t r = 0; r < runs; r++) {
-        const float* wt = w[r];
-        const float* xs = src[r];
-        for (int64_t j = 0; j < n[r]; j++, xs += step[r], wt += OB) {
+        const float* wt = run[r].w + woff;
+        const float* xs = run[r].buf ? run[r].buf : run[r].x;
+        const int64_t step = run[r].buf ? NV * LANES : run[r].step;
+        for (int64_t j = 0; j < run[r].n; j++, xs += step, wt += OB) {
             vf xv[NV];
 #pragma GCC unroll 8
             for (int v = 0; v < nv; v++) xv[v] = loadu(xs + LANES * v);
@@ -362,14 +374,43 @@ static inline __attribute__((always_inline)) void fwd_pairs_nv(vf acc[OB][NV],
     memcpy(acc, a, sizeof a);
 }
 
-static void fwd_pairs(vf acc[OB][NV], const float* const* src, const int64_t* step,
-                      const float* const* w, const int64_t* n, int64_t runs, int nv) {
+static void fwd_pairs(vf acc[OB][NV], const fwd_run* run, int64_t runs, int64_t woff, int nv) {
 #if NV == 3
-    if (nv == 1) return fwd_pairs_nv(acc, src, step, w, n, runs, 1);
-    if (nv == 2) return fwd_pairs_nv(acc, src, step, w, n, runs, 2);
+    if (nv == 1) return fwd_pairs_nv(acc, run, runs, woff, 1);
+    if (nv == 2) return fwd_pairs_nv(acc, run, runs, woff, 2);
 #endif
     (void)nv;
-    fwd_pairs_nv(acc, src, step, w, n, runs, NV);
+    fwd_pairs_nv(acc, run, runs, woff, NV);
+}
+
+/* The first block's acc += the products of the pairs of runs: it reads x (NV vectors, masked:
+ * lanes outside the plane are zero) and stores what it read to the buffer of each run that
+ * has one. Copying the pairs into the buffer first, then summing, took 6-10% more time for
+ * the forward and the input gradient of the 3-D crosses (AMD Zen 4, AVX-512 and AVX2): here
+ * the copy's loads, from L2, overlap the products. */
+static void fwd_pairs_first(vf acc[OB][NV], const fwd_run* run, int64_t runs) {
+    vf a[OB][NV];
+    memcpy(a, acc, sizeof a);
+    for (int64_t r = 0; r < runs; r++) {
+        const float* wt = run[r].w;
+        const float* xs = run[r].x;
+        float* d = run[r].buf;
+        lanes_t mv[NV];
+        for (int v = 0; v < NV; v++) mv[v] = run[r].mask[v];
+        for (int64_t j = 0; j < run[r].n; j++, xs += run[r].step, wt += OB) {
+            vf xv[NV];
+            if (run[r].full)
+                for (int v = 0; v < NV; v++) xv[v] = loadu(xs + LANES * v);
+            else
+                for (int v = 0; v < NV; v++) xv[v] = load_lanes(mv[v], xs + LANES * v);
+            if (d) {
+                for (int v = 0; v < NV; v++) *(vf*)(d + LANES * v) = xv[v];
+                d += NV * LANES;
+            }
+            fwd_fma(a, xv, wt, NV);
+        }
+    }
+    memcpy(acc, a, sizeof a);
 }
 
 /* Fetch into L2 the lines of NV vectors ahead floats on from src, in n channels cstride apart
@@ -378,23 +419,6 @@ static void fwd_pairs(vf acc[OB][NV], const float* const* src, const int64_t* st
 static inline void prefetch_run(const float* src, int64_t cstride, int64_t n, int64_t ahead) {
     for (int64_t c = 0; c < n; c++, src += cstride)
         for (int i = 0; i <= NV * LANES; i += LINE) __builtin_prefetch(src + ahead + i, 0, 2);
-}
-
-/* The NV vectors of n channels of one tap, cstride apart from src, into dst one after
- * another, the lanes off in mk zero; full: every lane on. ahead: unless 0, also
- * prefetch_run each channel's vectors that many floats further on, which the next tile will
- * read. */
-static inline __attribute__((always_inline)) void pack_run(float* dst, const float* src,
-                                                           int64_t cstride, int64_t n,
-                                                           const lanes_t* mk, int full,
-                                                           int64_t ahead) {
-    lanes_t mv[NV];
-    for (int v = 0; v < NV; v++) mv[v] = mk[v];
-    for (int64_t c = 0; c < n; c++, src += cstride, dst += NV * LANES) {
-        if (ahead) prefetch_run(src, cstride, 1, ahead);
-        for (int v = 0; v < NV; v++)
-            *(vf*)(dst + LANES * v) = full ? loadu(src + LANES * v) : load_lanes(mv[v], src + LANES * v);
-    }
 }
 
 static inline void fwd_start(vf acc[OB][NV], const float* bias) {
@@ -465,12 +489,9 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
         int64_t* tidx = (int64_t*)malloc(sizeof(int64_t) * (T + 1));
         float* buf = packed ? (float*)alloc64(sizeof(float) * KC * NV * LANES) : NULL;
         float* part = packed ? (float*)alloc64(sizeof(float) * Opad * NV * LANES) : NULL;
-        /* the runs of one chunk (see fwd_pairs), at most one per pair: KC */
-        const float** run_w = (const float**)malloc(sizeof(float*) * (KC + 1));
-        const float** run_x = (const float**)malloc(sizeof(float*) * (KC + 1));
-        int64_t* run_n = (int64_t*)malloc(sizeof(int64_t) * (KC + 1));
-        int64_t* run_step = (int64_t*)malloc(sizeof(int64_t) * (KC + 1));
-        if (!toff || !tidx || !run_w || !run_x || !run_n || !run_step ||
+        /* the runs of one chunk: at most KC */
+        fwd_run* run = (fwd_run*)malloc(sizeof(fwd_run) * KC);
+        if (!toff || !tidx || !run ||
             (packed && (!buf || !part))) {
 #pragma omp atomic write
             failed = 1;
@@ -508,53 +529,46 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
                 int64_t npairs = nt * C;
                 /* The tap that reads furthest on in x reads, at the next tile (the next
                    job, usually), lines that no tile has read yet: of the plane after this
-                   one, for a 3-D cross. Fetched a tile ahead as it packs, they arrive in
-                   time: on the 3-D cross (4, 16->32, 32^3) the forward takes 3% less time
-                   and the input gradient 7% (AVX-512; 1% and 4% on AVX2). The other taps'
-                   lines are in cache already. */
+                   one, for a 3-D cross. Fetched a tile ahead, they arrive in time: on the
+                   3-D cross (4, 16->32, 32^3) the forward took 3% less time and the input
+                   gradient 7% (Intel, AVX-512; 1% and 4% on AVX2). The other taps' lines are
+                   in cache already. */
                 int64_t lead = 0;
                 for (int64_t k = 1; k < nt; k++)
                     if (toff[k] > toff[lead]) lead = k;
                 /* the vectors of the tile that hold positions of the plane */
                 int nv = nvec - at.tile * NV < NV ? (int)(nvec - at.tile * NV) : NV;
                 /* Chunks of pairs, tap-major, as runs of channels of one tap: at most KC
-                   pairs packed (lanes outside the plane zero) and KC runs per chunk. Pairs
+                   pairs to pack (lanes outside the plane zero) and KC runs per chunk. Pairs
                    read in place do not count: the input gradient of the 3-D cross (4,
-                   16->32, 32^3) then takes one chunk per tile, not two. */
+                   16->32, 32^3) then takes one chunk per tile, not two (6% less time). */
                 int64_t j = 0;
                 for (int first = 1;; first = 0) {
                     int64_t runs = 0, packed = 0;
                     while (j < npairs && runs < KC && packed < KC) {
                         int64_t k = j / C, c0 = j % C, c1 = C;
-                        int64_t m = tidx[k] * mstride + at.tile * NV;
                         const float* src = xn + c0 * D * P + toff[k];
-                        int64_t ahead = k == lead ? NV * LANES : 0;
-                        int full = all_on(masks.bits + m);
-                        if (full && in_place && ((uintptr_t)src & (sizeof(vf) - 1)) == 0) {
-                            /* Two blocks of output channels, and a run whose vectors lie
-                               whole and aligned in x: read in place, the second time from
-                               L2. On AVX-512 the input gradient of the 3-D cross (4, 16->32,
-                               32^3) takes 9% less time than with every run packed, and the
-                               forward of (4, 32->16, 32^3) 7%; with more blocks, reading
-                               each vector that many times from L2 costs more than the copy
-                               saves (7% more time with 16 blocks). AVX2 has no case: two
-                               blocks of 4 are too few output channels to pack. */
-                            if (ahead) prefetch_run(src, D * P, c1 - c0, ahead);
-                            run_x[runs] = src;
-                            run_step[runs] = D * P;
-                        } else {
+                        int64_t m = tidx[k] * mstride + at.tile * NV;
+                        fwd_run* r = run + runs++;
+                        r->x = src, r->step = D * P, r->mask = masks.lanes + m;
+                        r->full = all_on(masks.bits + m), r->buf = NULL;
+                        /* With two blocks of output channels, a run whose vectors lie whole
+                           and aligned in x is read in place, the second time from L2. On
+                           AVX-512 the input gradient of the 3-D cross (4, 16->32, 32^3) took
+                           9% less time than with every run packed, and the forward of (4,
+                           32->16, 32^3) 7%; with more blocks, reading each vector that many
+                           times from L2 costs more than the copy saves (7% more time with 16
+                           blocks). AVX2 has no case: two blocks of 4 are too few output
+                           channels to pack. */
+                        int in_x = r->full && in_place && ((uintptr_t)src & (sizeof(vf) - 1)) == 0;
+                        if (!in_x) {
                             if (c1 - c0 > KC - packed) c1 = c0 + (KC - packed);
-                            float* dst = buf + packed * NV * LANES;
-                            if (full)
-                                pack_run(dst, src, D * P, c1 - c0, masks.lanes + m, 1, ahead);
-                            else
-                                pack_run(dst, src, D * P, c1 - c0, masks.lanes + m, 0, ahead);
-                            run_x[runs] = dst;
-                            run_step[runs] = NV * LANES;
+                            r->buf = buf + packed * NV * LANES;
                             packed += c1 - c0;
                         }
-                        run_w[runs] = wp + (tidx[k] * nob * C + c0) * OB;
-                        run_n[runs++] = c1 - c0;
+                        if (k == lead) prefetch_run(src, D * P, c1 - c0, NV * LANES);
+                        r->w = wp + (tidx[k] * nob * C + c0) * OB;
+                        r->n = c1 - c0;
                         j += c1 - c0;
                     }
                     int last = j >= npairs;
@@ -567,9 +581,10 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
                             for (int o = 0; o < OB; o++)
                                 for (int v = 0; v < NV; v++)
                                     acc[o][v] = *(const vf*)(pp + (o * NV + v) * LANES);
-                        const float* wo[KC + 1];
-                        for (int64_t r = 0; r < runs; r++) wo[r] = run_w[r] + o0 * C;
-                        fwd_pairs(acc, run_x, run_step, wo, run_n, runs, nv);
+                        if (o0 == 0)
+                            fwd_pairs_first(acc, run, runs);
+                        else
+                            fwd_pairs(acc, run, runs, o0 * C, nv);
                         if (last)
                             fwd_store(acc, y, O, Do, P, at, o0, inside, inside_bits, stream);
                         else
@@ -586,10 +601,7 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
         free(tidx);
         free(buf);
         free(part);
-        free(run_w);
-        free(run_x);
-        free(run_n);
-        free(run_step);
+        free(run);
     }
     plane_masks_free(&masks);
     return failed ? -1 : 0;
