@@ -24,23 +24,25 @@
  * torch's layout, so that Python passes tensors as they are.
  *
  * Loop order. tap_forward: in parallel over (n, q, tile of NV * LANES positions); then the
- * (tap, input channel) pairs whose tap lands inside the depth, KC at a time; then blocks of
- * OB output channels; then the pairs, each NV vector loads of x and OB broadcasts of w into
- * NV * OB accumulators that stay in registers. With several blocks and at least PACK_MIN
- * output channels, each pair's NV vectors are first copied into a per-thread buffer (lanes
- * outside the plane zeroed) that every block reads from L1: the channel planes of x lie a
- * multiple of 4 KB apart, so read in place they share L1 sets and evict each other. With
- * fewer output channels the copy costs more than it saves, and each block reads x in place;
- * with two blocks, so do the pairs whose vectors lie whole and aligned in x. On AVX-512, a
- * large output is written with streaming stores, which bypass the caches.
+ * (tap, input channel) pairs whose tap lands inside the depth, in chunks of at most KC pairs
+ * to copy; then blocks of OB output channels; then the pairs, each NV vector loads of x and
+ * OB broadcasts of w into NV * OB accumulators that stay in registers. With several blocks
+ * and at least PACK_MIN output channels, the first block also stores each pair's NV vectors
+ * (lanes outside the plane zeroed) to a per-thread buffer that the other blocks read from
+ * L1: the channel planes of x lie a multiple of 4 KB apart, so read in place they share L1
+ * sets and evict each other. With fewer output channels the copy costs more than it saves,
+ * and each block reads x in place; with two blocks, so do the pairs whose vectors lie whole
+ * and aligned in x. On AVX-512, a large output is written with streaming stores, which
+ * bypass the caches.
  * tap_weight_grad, two variants (tap_weight_grad_variant says which runs):
  * "channels" (O a multiple of LANES, at least 2 * LANES, or LANES with C >= 16) puts output
  * channels in the lanes and goes in parallel over (n, q), then rectangles of a plane (whose g
- * it transposes to position-major, LANES x LANES at a time), then taps, then blocks of SB
- * input channels, then positions; "positions" puts positions in the lanes and goes in
- * parallel over (n, q), then blocks of WO output channels, then blocks of WK (channel, tap)
- * pairs, then vectors of positions. Both keep per-thread partial sums
- * (tap_weight_grad_scratch bytes per thread) that add up at the end.
+ * it transposes to position-major, LANES x LANES at a time, while it fetches the next
+ * rectangle's into L2), then taps, then blocks of SB input channels, then positions;
+ * "positions" puts positions in the lanes and goes in parallel over (n, q), then blocks of
+ * WO output channels, then blocks of WK (channel, tap) pairs, then vectors of positions. Both
+ * keep per-thread partial sums (tap_weight_grad_scratch bytes per thread) that add up at the
+ * end.
  */
 #include <stdint.h>
 #include <stdlib.h>
