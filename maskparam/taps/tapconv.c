@@ -463,7 +463,7 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
     int64_t P = H * W, nvec = (P + LANES - 1) / LANES, tiles = (nvec + NV - 1) / NV;
     const int64_t Opad = (O + OB - 1) / OB * OB, nob = Opad / OB;
     /* Where the blocks of output channels make PACK_MIN uses of each vector of x or more,
-       they copy the vectors they share into a buffer first (see above); fewer, and the copy
+       the first copies the vectors they share into a buffer (see above); fewer, and the copy
        costs more than it saves: they read x in place. */
     const int packed = nob > 1 && Opad >= PACK_MIN, in_place = nob <= 2 && (D * P) % LANES == 0;
     /* An output of STREAM_MIN per thread or more does not stay in the caches for whatever
@@ -546,8 +546,8 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
                    16->32, 32^3) then takes one chunk per tile, not two (6% less time). */
                 int64_t j = 0;
                 for (int first = 1;; first = 0) {
-                    int64_t runs = 0, packed = 0;
-                    while (j < npairs && runs < KC && packed < KC) {
+                    int64_t runs = 0, copied = 0;
+                    while (j < npairs && runs < KC && copied < KC) {
                         int64_t k = j / C, c0 = j % C, c1 = C;
                         const float* src = xn + c0 * D * P + toff[k];
                         int64_t m = tidx[k] * mstride + at.tile * NV;
@@ -564,9 +564,9 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
                            channels to pack. */
                         int in_x = r->full && in_place && ((uintptr_t)src & (sizeof(vf) - 1)) == 0;
                         if (!in_x) {
-                            if (c1 - c0 > KC - packed) c1 = c0 + (KC - packed);
-                            r->buf = buf + packed * NV * LANES;
-                            packed += c1 - c0;
+                            if (c1 - c0 > KC - copied) c1 = c0 + (KC - copied);
+                            r->buf = buf + copied * NV * LANES;
+                            copied += c1 - c0;
                         }
                         if (k == lead) prefetch_run(src, D * P, c1 - c0, NV * LANES);
                         r->w = wp + (tidx[k] * nob * C + c0) * OB;
@@ -886,10 +886,10 @@ static void wg_rect(const tap_geometry* g, const float* x, const float* gq, floa
             vf s[4] = {{0}, {0}, {0}, {0}};
             for (int64_t h = ha; h < hb; h++) {
                 const float* row = gT + (h - ha) * cw * O + o0;
-                int64_t w = 0, n = wb - wa;
-                for (; w + 4 <= n; w += 4)
+                int64_t w = 0, width = wb - wa;
+                for (; w + 4 <= width; w += 4)
                     for (int i = 0; i < 4; i++) s[i] += loadu(row + (w + i) * O);
-                for (; w < n; w++) s[0] += loadu(row + w * O);
+                for (; w < width; w++) s[0] += loadu(row + w * O);
             }
             storeu(accb + o0, loadu(accb + o0) + ((s[0] + s[1]) + (s[2] + s[3])));
         }
