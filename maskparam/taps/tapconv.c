@@ -318,12 +318,13 @@ static inline int all_on(const uint32_t* bits) {
     return full;
 }
 
-/* acc += the products of one tap over all input channels, read from x in place; full: every
- * lane reads inside the plane. */
+/* acc += the products of one tap over C input channels, read from x in place, cstride apart,
+ * the lanes of mk only; full: every lane reads inside the plane. Unless dst is NULL, also
+ * stores each channel's NV vectors there, one channel after another. */
 static inline __attribute__((always_inline)) void fwd_tap(vf acc[OB][NV], const float* src,
                                                           const float* wt, int64_t C,
                                                           int64_t cstride, const lanes_t* mk,
-                                                          int full) {
+                                                          int full, float* dst) {
     lanes_t mv[NV];
     for (int v = 0; v < NV; v++) mv[v] = mk[v];
     for (int64_t c = 0; c < C; c++, src += cstride, wt += OB) {
@@ -331,6 +332,10 @@ static inline __attribute__((always_inline)) void fwd_tap(vf acc[OB][NV], const 
 #pragma GCC unroll 8
         for (int v = 0; v < NV; v++)
             xv[v] = full ? loadu(src + LANES * v) : load_lanes(mv[v], src + LANES * v);
+        if (dst) {
+            for (int v = 0; v < NV; v++) *(vf*)(dst + LANES * v) = xv[v];
+            dst += NV * LANES;
+        }
         fwd_fma(acc, xv, wt, NV);
     }
 }
@@ -391,26 +396,13 @@ static void fwd_pairs(vf acc[OB][NV], const fwd_run* run, int64_t runs, int64_t 
  * the forward and the input gradient of the 3-D crosses (AMD Zen 4, AVX-512 and AVX2): here
  * the copy's loads, from L2, overlap the products. */
 static void fwd_pairs_first(vf acc[OB][NV], const fwd_run* run, int64_t runs) {
-    vf a[OB][NV];
+    vf a[OB][NV]; /* in registers, as in fwd_pairs_nv */
     memcpy(a, acc, sizeof a);
-    for (int64_t r = 0; r < runs; r++) {
-        const float* wt = run[r].w;
-        const float* xs = run[r].x;
-        float* d = run[r].buf;
-        lanes_t mv[NV];
-        for (int v = 0; v < NV; v++) mv[v] = run[r].mask[v];
-        for (int64_t j = 0; j < run[r].n; j++, xs += run[r].step, wt += OB) {
-            vf xv[NV];
-            if (run[r].full)
-                for (int v = 0; v < NV; v++) xv[v] = loadu(xs + LANES * v);
-            else
-                for (int v = 0; v < NV; v++) xv[v] = load_lanes(mv[v], xs + LANES * v);
-            if (d) {
-                for (int v = 0; v < NV; v++) *(vf*)(d + LANES * v) = xv[v];
-                d += NV * LANES;
-            }
-            fwd_fma(a, xv, wt, NV);
-        }
+    for (const fwd_run* r = run; r < run + runs; r++) {
+        if (r->full)
+            fwd_tap(a, r->x, r->w, r->n, r->step, r->mask, 1, r->buf);
+        else
+            fwd_tap(a, r->x, r->w, r->n, r->step, r->mask, 0, r->buf);
     }
     memcpy(acc, a, sizeof a);
 }
@@ -520,9 +512,9 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
                             int64_t m = tidx[k] * mstride + at.tile * NV;
                             const float* wt = wp + (tidx[k] * nob + ob) * C * OB;
                             if (all_on(masks.bits + m))
-                                fwd_tap(acc, xn + toff[k], wt, C, D * P, masks.lanes + m, 1);
+                                fwd_tap(acc, xn + toff[k], wt, C, D * P, masks.lanes + m, 1, NULL);
                             else
-                                fwd_tap(acc, xn + toff[k], wt, C, D * P, masks.lanes + m, 0);
+                                fwd_tap(acc, xn + toff[k], wt, C, D * P, masks.lanes + m, 0, NULL);
                         }
                         fwd_store(acc, y, O, Do, P, at, ob * OB, inside, inside_bits, stream);
                     }
