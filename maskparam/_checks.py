@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 
 __all__ = [
     "as_bool_mask",
+    "as_drawable_mask",
     "check_mask_fits",
     "check_module",
     "layer_class",
@@ -111,6 +112,21 @@ def as_bool_mask(mask: Any, caller: str) -> Tensor:
             f"Got other values, for example {bad}."
         )
     return mask != 0
+
+
+def as_drawable_mask(mask: Any, caller: str, verb: str) -> Tensor:
+    """``mask`` as a bool tensor of 1 to 3 non-empty dims, the masks text and pictures show."""
+    out = as_bool_mask(mask, caller)
+    if not 1 <= out.dim() <= 3:
+        raise ValueError(
+            f"{caller} {verb} masks of 1 to 3 dims; index a larger one down first "
+            f"(for example mask[out, in]). Got shape={tuple(out.shape)}."
+        )
+    if out.numel() == 0:
+        raise ValueError(
+            f"{caller} expects every size to be at least 1. Got shape={tuple(out.shape)}."
+        )
+    return out
 
 
 def mask_fits(mask: Tensor, weight: Tensor) -> bool:

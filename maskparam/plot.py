@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from maskparam.masks import _as_drawable
+from maskparam import _checks
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -59,7 +59,7 @@ def plot_mask(mask: Tensor | Any, ax: Axes | None = None) -> Figure:
         >>> plot_mask(cross(3, ndim=3), ax=fig.add_subplot()) is fig
         True
     """
-    mask = _as_drawable(mask, "plot_mask", "draws")
+    mask = _checks.as_drawable_mask(mask, "plot_mask", "draws")
     try:
         from matplotlib.collections import PatchCollection
         from matplotlib.patches import Circle, Rectangle
