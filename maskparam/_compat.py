@@ -23,6 +23,7 @@ __all__ = [
     "forward_ad_level",
     "functorch_active",
     "inject_property",
+    "is_dtensor",
     "load_state_dict_post_hooks",
     "local_shard",
     "reversed_padding",
@@ -180,6 +181,19 @@ def unsupported_global(error: BaseException) -> str | None:
         if "Unsupported global" in line:
             return line.strip().split(" was not an allowed global")[0].split("error: ")[-1]
     return None
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2's sharded parameters are).
+
+    Public API (``torch.distributed.tensor.DTensor``), kept here beside :func:`local_shard`
+    because torch builds without distributed support have no such module.
+    """
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def local_shard(full: Tensor, like: Tensor) -> Tensor:
