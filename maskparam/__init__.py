@@ -8,7 +8,7 @@ from maskparam.parametrizations import BiasMask, FixedMask
 from maskparam.partial import PartialSequential, coverage, partial_conv
 from maskparam.plot import plot_mask
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BiasMask",
