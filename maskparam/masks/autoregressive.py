@@ -65,8 +65,8 @@ def causal(
     (R, G, B, R, G, B).
 
     Args:
-        kernel_size: The kernel's size, an odd int for every axis or one odd int per axis.
-        ndim: The number of spatial dims; needed when ``kernel_size`` is an int.
+        kernel_size: The kernel's size, odd along every axis.
+        ndim: The number of spatial dims, for an int ``kernel_size``.
         kind: ``"A"`` (centre excluded) or ``"B"`` (centre included).
         in_channels: The weight's input channels (``weight.shape[1]``), for the
             channel-group form; give ``out_channels`` with it.
@@ -82,11 +82,9 @@ def causal(
         *kernel_size)`` in the channel-group form.
 
     Raises:
-        TypeError: If an argument has the wrong type.
-        ValueError: If ``kernel_size`` is an int and ``ndim`` is missing, if a size is even or
-            below 1, ``ndim`` disagrees with ``kernel_size``, ``kind`` is neither "A" nor "B", only
-            one channel count is given, a channel option is given without the channel counts, or a
-            channel count is not a positive multiple of ``channel_groups``.
+        ValueError: If ``kind`` is neither "A" nor "B", only one channel count is given, a
+            channel option is given without the channel counts, or a channel count is not a
+            positive multiple of ``channel_groups``.
 
     Example:
         >>> print(to_text(causal(5, ndim=2, kind="A")))  # doctest: -ELLIPSIS

@@ -46,18 +46,7 @@ def _inside(distance: Tensor, radius: float) -> Tensor:
 def box(kernel_size: int | Sequence[int], ndim: int | None = None) -> Tensor:
     """Every tap: the mask of an ordinary dense kernel.
 
-    Args:
-        kernel_size: The kernel's size, an int for every axis or one int per axis. Even
-            sizes are allowed.
-        ndim: The number of spatial dims; needed when ``kernel_size`` is an int.
-
-    Returns:
-        A bool tensor of shape ``kernel_size``, all True.
-
-    Raises:
-        TypeError: If ``kernel_size`` or ``ndim`` has another type.
-        ValueError: If ``kernel_size`` is an int and ``ndim`` is missing, if a size is below 1, or
-            ``ndim`` disagrees with ``kernel_size``.
+    Even sizes are allowed.
 
     Example:
         >>> print(to_text(box((2, 3))))
@@ -71,18 +60,6 @@ def cross(kernel_size: int | Sequence[int], ndim: int | None = None) -> Tensor:
     """The taps with at most one non-zero offset: a "plus" (MinkowskiEngine's HYPER_CROSS).
 
     A 3x3x3 cross has 7 taps (the centre and its six face neighbours), a 5x5 cross has 9.
-
-    Args:
-        kernel_size: The kernel's size, an odd int for every axis or one odd int per axis.
-        ndim: The number of spatial dims; needed when ``kernel_size`` is an int.
-
-    Returns:
-        A bool tensor of shape ``kernel_size``.
-
-    Raises:
-        TypeError: If ``kernel_size`` or ``ndim`` has another type.
-        ValueError: If ``kernel_size`` is an int and ``ndim`` is missing, if a size is even or
-            below 1, or ``ndim`` disagrees with ``kernel_size``.
 
     Example:
         >>> print(to_text(cross(5, ndim=2)))
@@ -108,20 +85,11 @@ def diamond(
     kernel's edge cuts it off.
 
     Args:
-        kernel_size: The kernel's size, an odd int for every axis or one odd int per axis.
-        ndim: The number of spatial dims; needed when ``kernel_size`` is an int.
+        kernel_size: The kernel's size, odd along every axis.
+        ndim: The number of spatial dims, for an int ``kernel_size``.
         radius: The L1 radius. Defaults to the largest half-size ``max(kernel_size) // 2``:
             the diamond reaches the kernel's edge along its longest axis (every edge, for a
             cubic kernel).
-
-    Returns:
-        A bool tensor of shape ``kernel_size``.
-
-    Raises:
-        TypeError: If an argument has the wrong type.
-        ValueError: If ``kernel_size`` is an int and ``ndim`` is missing, if a size is even or
-            below 1, ``ndim`` disagrees with ``kernel_size``, or ``radius`` is negative or not
-            finite.
 
     Example:
         >>> print(to_text(diamond(5, ndim=2)))
@@ -173,12 +141,11 @@ def ball(
     With ``spacing``, distances are physical rather than in voxels, for anisotropic scans (a
     CT volume with 2.5 mm slices and 0.7 mm pixels has ``spacing=(2.5, 0.7, 0.7)``). A
     3x3x3 ball has 7, 19 or 27 taps for ``radius ** 2`` = 1, 2 or 3; a 5x5x5 ball of radius 2
-    has 33. Distances within a relative ``1e-9`` of the radius count as inside, so
-    ``radius=math.sqrt(2)`` keeps the taps at distance sqrt(2).
+    has 33.
 
     Args:
-        kernel_size: The kernel's size, an odd int for every axis or one odd int per axis.
-        ndim: The number of spatial dims; needed when ``kernel_size`` is an int.
+        kernel_size: The kernel's size, odd along every axis.
+        ndim: The number of spatial dims, for an int ``kernel_size``.
         radius: The radius, in the units of ``spacing``. Defaults to the largest physical
             half-size ``max((kernel_size // 2) * spacing)``: the ball reaches the kernel's
             edge along the axis where the kernel is physically longest. Without ``spacing``
@@ -186,14 +153,8 @@ def ball(
         spacing: The distance between neighbouring taps along each axis, a number or one per
             axis. Defaults to 1 along every axis.
 
-    Returns:
-        A bool tensor of shape ``kernel_size``.
-
     Raises:
-        TypeError: If an argument has the wrong type.
-        ValueError: If ``kernel_size`` is an int and ``ndim`` is missing, if a size is even or
-            below 1, ``ndim`` disagrees with ``kernel_size``, ``radius`` is negative or not finite,
-            or a spacing is not positive and finite or their count is not one per axis.
+        ValueError: If a spacing is not finite and positive, or not one per axis.
 
     Example:
         >>> print(to_text(ball(5, ndim=2)))
@@ -237,8 +198,7 @@ def hexagonal(kernel_size: int | Sequence[int]) -> Tensor:
         A bool tensor of shape ``(k, k)``.
 
     Raises:
-        TypeError: If ``kernel_size`` is neither an int nor a tuple of ints.
-        ValueError: If the kernel is not square and 2-D, or ``k`` is even or below 1.
+        ValueError: If the kernel is not square and 2-D.
 
     Example:
         >>> print(to_text(hexagonal(5)))
@@ -276,15 +236,13 @@ def dilated(
             axis. Even sizes are allowed.
         dilation: The spacing between taps, an int for every axis or one int per axis, each
             at least 1.
-        ndim: The number of spatial dims; needed when ``kernel_size`` is an int.
+        ndim: The number of spatial dims, for an int ``kernel_size``.
 
     Returns:
         A bool tensor of shape ``(kernel_size - 1) * dilation + 1`` per axis.
 
     Raises:
-        TypeError: If an argument has the wrong type.
-        ValueError: If ``kernel_size`` is an int and ``ndim`` is missing, if a size or a dilation
-            is below 1, or the number of sizes, dilations and ``ndim`` disagree.
+        ValueError: If a dilation is below 1, or there is not one per axis.
 
     Example:
         >>> print(to_text(dilated(3, 2, ndim=2)))  # doctest: -ELLIPSIS
@@ -299,12 +257,12 @@ def dilated(
     if d is not None:
         steps: tuple[int, ...] = (d,) * len(sizes)
     else:
-        as_ints = _args.as_ints(dilation)
-        if as_ints is None:
+        several = _args.as_ints(dilation)
+        if several is None:
             raise TypeError(
                 f"dilated expects dilation as an int or a tuple of ints. Got {dilation!r}."
             )
-        steps = as_ints
+        steps = several
         if len(steps) != len(sizes):
             raise ValueError(
                 "dilated expects one dilation per axis of the kernel. "
@@ -326,20 +284,11 @@ def blind_spot(
     that never sees its own centre cannot learn the identity.
 
     Args:
-        kernel_size: The kernel's size, an odd int for every axis or one odd int per axis.
-        ndim: The number of spatial dims; needed when ``kernel_size`` is an int.
+        kernel_size: The kernel's size, odd along every axis.
+        ndim: The number of spatial dims, for an int ``kernel_size``.
         radius: Taps within this L2 distance of the centre are switched off: 0 removes the
             centre only, 1 the centre and its face neighbours. The same ``1e-9`` margin as
             :func:`ball` applies.
-
-    Returns:
-        A bool tensor of shape ``kernel_size``.
-
-    Raises:
-        TypeError: If an argument has the wrong type.
-        ValueError: If ``kernel_size`` is an int and ``ndim`` is missing, if a size is even or
-            below 1, ``ndim`` disagrees with ``kernel_size``, or ``radius`` is negative or not
-            finite.
 
     Example:
         >>> print(to_text(blind_spot(3, ndim=2)))
@@ -371,18 +320,6 @@ def checkerboard(kernel_size: int | Sequence[int], ndim: int | None = None) -> T
     ``mask[:, :, 0::2, 1::2] = 1; mask[:, :, 1::2, 0::2] = 1``. The centre is always off,
     and so are half of the other taps: a 5x5 checkerboard has 12 taps, a 3x3x3 one 14.
 
-    Args:
-        kernel_size: The kernel's size, an odd int for every axis or one odd int per axis.
-        ndim: The number of spatial dims; needed when ``kernel_size`` is an int.
-
-    Returns:
-        A bool tensor of shape ``kernel_size``.
-
-    Raises:
-        TypeError: If ``kernel_size`` or ``ndim`` has another type.
-        ValueError: If ``kernel_size`` is an int and ``ndim`` is missing, if a size is even or
-            below 1, or ``ndim`` disagrees with ``kernel_size``.
-
     Example:
         >>> print(to_text(checkerboard(5, ndim=2)))
         .#.#.
@@ -405,16 +342,10 @@ def line(kernel_size: int | Sequence[int], axis: int, ndim: int | None = None) -
         kernel_size: The kernel's size, an int for every axis or one int per axis. Sizes
             must be odd on every axis but ``axis``.
         axis: The axis the line runs along; negative values count from the end.
-        ndim: The number of spatial dims; needed when ``kernel_size`` is an int.
-
-    Returns:
-        A bool tensor of shape ``kernel_size``.
+        ndim: The number of spatial dims, for an int ``kernel_size``.
 
     Raises:
-        TypeError: If an argument has the wrong type.
-        ValueError: If ``kernel_size`` is an int and ``ndim`` is missing, if a size is below 1 or
-            even on another axis, ``ndim`` disagrees with ``kernel_size``, or ``axis`` is out of
-            range.
+        ValueError: If ``axis`` is out of range.
 
     Example:
         >>> print(to_text(line(3, axis=0, ndim=2)))
@@ -465,8 +396,7 @@ def random(
         A bool tensor of shape ``shape``.
 
     Raises:
-        TypeError: If an argument has the wrong type.
-        ValueError: If a size is below 1, or ``density`` is outside [0, 1].
+        ValueError: If ``density`` is outside [0, 1].
 
     Example:
         >>> mask = random((4, 6), 0.25, generator=torch.Generator().manual_seed(2))
