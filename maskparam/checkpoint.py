@@ -407,7 +407,7 @@ def _replaced(loaded: Any, path: list[str], value: Any) -> Any:
 
 
 def _check_mask_entry(original: Tensor, mask: Tensor, where: str, caller: str) -> None:
-    if _is_sharded(original) or _is_sharded(mask):
+    if _compat.is_dtensor(original) or _compat.is_dtensor(mask):
         raise ValueError(
             f"{caller} expects whole tensors. Got {where}, sharded as a DTensor (FSDP). Take "
             "a full state_dict first: torch.distributed.checkpoint.state_dict."
@@ -418,14 +418,6 @@ def _check_mask_entry(original: Tensor, mask: Tensor, where: str, caller: str) -
             f"{caller} expects the mask as maskparam saves it, a bool tensor. Got {where}, "
             f"its mask of dtype={mask.dtype}: a parametrization other than maskparam's."
         )
-
-
-def _is_sharded(tensor: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
 
 
 def _same_file(a: Path, b: Path) -> bool:
