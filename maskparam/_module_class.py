@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from maskparam import _checks, _compat, _forward, _optim
+from maskparam import _checks, _compat, _forward, _optim, _transaction
 from maskparam.parametrizations import (
     LEGACY_EXTRA_STATE,
     BiasMask,
@@ -171,7 +171,13 @@ def _load_from_state_dict(
     # Runs before the module's children load, on a copy of the checkpoint that torch lets
     # modules edit, so rewriting keys here decides what the parametrizations receive.
     assign = bool(local_metadata.get("assign_to_params_buffers", False))
+    chains: nn.ModuleDict = self.parametrizations  # type: ignore[assignment]
+    _optim.release(chain.original for chain in chains.values())
     _adapt_masked_keys(self, state_dict, prefix, assign, error_msgs)
+    if strict:
+        _check_plain_parameters(self, state_dict, prefix, error_msgs)
+    if assign:
+        _optim.mark_stale()  # the originals become the checkpoint's tensors
     _base_of(self)._load_from_state_dict(
         self,
         state_dict,
@@ -220,8 +226,55 @@ def _adapt_masked_keys(
         for load in loads:
             load.keep_module_state(state_dict, keep_original=bool(problems))
         return
-    for load in loads:
-        load.commit(state_dict)
+    # The weight's masks and the bias masks that follow them change together: a Ctrl-C
+    # waits until all are in, and any other failure puts every mask back.
+    before = [
+        (fixed, fixed.mask, fixed.__dict__.get("_meta_values"))
+        for load in loads
+        for fixed in load.fixed
+    ]
+    with _transaction.sigint_held():
+        try:
+            for load in loads:
+                load.commit(state_dict)
+        except BaseException:
+            for fixed, mask, values in before:
+                fixed.mask = mask
+                if values is None:
+                    fixed.__dict__.pop("_meta_values", None)
+                else:
+                    fixed.__dict__["_meta_values"] = values
+            raise
+
+
+def _check_plain_parameters(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, errors: list[str]
+) -> None:
+    """Say why a checkpoint whose tensor is masked cannot load into a plain one here.
+
+    A model masked with ``bias_mode="keep"`` has a plain bias, while a checkpoint saved with
+    ``"zero"`` or ``"channel"`` holds a masked one: torch alone would only report a missing
+    ``bias`` and unexpected ``parametrizations.bias`` keys.
+    """
+    kind = _checks.layer_name(module)
+    for name in module._parameters:
+        masked = f"{prefix}parametrizations.{name}.original"
+        if f"{prefix}{name}" in state_dict or masked not in state_dict:
+            continue
+        if name == "bias":
+            errors.append(
+                f"While loading {prefix}bias: the checkpoint holds a masked bias ({masked!r}), "
+                "as saved by bias_mode='zero' or 'channel', but this model's "
+                f"{kind}.bias is a plain parameter (bias_mode='keep'). Mask the model with "
+                "the checkpoint's bias_mode, or load bake_state_dict(checkpoint), whose bias "
+                "is plain."
+            )
+        else:
+            errors.append(
+                f"While loading {prefix}{name}: the checkpoint holds a masked {name} "
+                f"({masked!r}), but this model's {kind}.{name} is not masked. Mask it the "
+                "same way, or load bake_state_dict(checkpoint), which holds plain tensors."
+            )
 
 
 def _bias_follows(

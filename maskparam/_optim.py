@@ -9,14 +9,33 @@ the length of each step and puts them back bitwise afterwards, through torch.opt
 step hooks (:func:`torch.optim.optimizer.register_optimizer_step_pre_hook`).
 
 That covers every optimizer derived from :class:`torch.optim.Optimizer` (all of
-``torch.optim``, and optimizers built before the mask was applied). It cannot cover updates
-that bypass ``Optimizer.step``, such as a hand-written ``p.data.mul_(0.9)``.
+``torch.optim``, and optimizers built before the mask was applied), for masks applied through
+maskparam (:func:`track`). It cannot cover updates that bypass ``Optimizer.step``, such as a
+hand-written ``p.data.mul_(0.9)``.
+
+The rules that keep a weight from ever being silently wrong:
+
+- Held values go back only at the end of the step that held them, into the tensor the
+  parameter holds then (an optimizer may rebind ``p.data``). A step that raised or was
+  interrupted never reaches its end: its hold is dropped at the optimizer's next step, never
+  written, and if the failed step moved values under a mask a warning names the layers.
+- The put-back cannot be split by Ctrl-C.
+- A registry maps each masked parameter to the masked modules that store it, so a step costs
+  time in proportion to the optimizer's parameters, not to every masked module alive. A
+  parameter stored by several masked modules (tied weights) is held only where every one of
+  them masks it: the others train it.
+- The hooks run eagerly (:func:`torch.compiler.disable`), so a compiled ``opt.step`` breaks
+  its graph around them instead of tracing maskparam's bookkeeping.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+import threading
+import warnings
 import weakref
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -26,137 +45,319 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
+from maskparam import _compat, _transaction
+from maskparam._checks import layer_name
 from maskparam.parametrizations import FixedMask
 
-__all__ = ["held_count", "track"]
+__all__ = ["held_count", "mark_stale", "release", "track"]
 
+# The lock guards the registry and the holds: several threads may mask modules, copy them and
+# step optimizers at once. Re-entrant: a garbage-collection callback may run while it is held.
+_lock = threading.RLock()
+# id(parameter) -> the masked modules that store that parameter as an original.
+_registry: dict[int, _Owners] = {}
+# Every module given to track(), for the one full pass that a new optimizer or a load needs.
 _tracked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-# Per optimizer, during its step: (the stored tensor, where it is masked, the masked values).
-_held: weakref.WeakKeyDictionary[Any, list[_Held]] = weakref.WeakKeyDictionary()
+# id(optimizer) -> its step in progress. Keyed by id: an optimizer need not be hashable.
+_steps: dict[int, _Step] = {}
+# Optimizers whose parameters the registry has been checked against since it last changed.
+_checked: dict[int, weakref.ref[Any]] = {}
 _handles: list[Any] = []
 
 
 def track(module: nn.Module) -> None:
     """Protect the masked originals of ``module`` in every later optimizer step."""
-    if not _handles:
-        # No lock: an interrupt could leave one held. Two threads racing here register the
-        # hooks twice, which is harmless: a second hold puts back, then holds the same values.
-        _handles.append(register_optimizer_step_pre_hook(_hold))
-        _handles.append(register_optimizer_step_post_hook(_put_back))
-    _tracked.add(module)
+    with _lock:
+        if not _handles:
+            _handles.append(register_optimizer_step_pre_hook(_hold))
+            _handles.append(register_optimizer_step_post_hook(_put_back))
+        _tracked.add(module)
+        _register(module)
+
+
+def mark_stale() -> None:
+    """Make the next step of every optimizer check the registry against its parameters.
+
+    For changes that give a masked module new parameter objects without going through
+    :func:`track`: a load with ``assign=True``, ``to_empty``, FSDP2's sharding.
+    """
+    with _lock:
+        _checked.clear()
+
+
+def release(params: Iterable[Tensor]) -> None:
+    """Drop every hold on ``params``, before maskparam itself writes them.
+
+    A step still holding values of a parameter that is being loaded, baked or given a new mask
+    either failed or is running a closure that made the call; either way, the values written
+    now are newer than the held ones, which must never be written over them.
+    """
+    ids = {id(param) for param in params}
+    with _lock:
+        for step in list(_steps.values()):
+            step.drop(ids)
 
 
 def held_count() -> int:
-    """How many optimizers hold masked values right now (0 between steps)."""
-    return sum(len(held) > 0 for held in _held.values())
+    """How many optimizer steps hold masked values right now.
+
+    0 between steps; a step that raised keeps its hold until that optimizer's next step,
+    which drops it.
+    """
+    with _lock:
+        return len(_steps)
 
 
-def _masked_originals() -> dict[int, tuple[Tensor, Tensor]]:
-    """``id(original) -> (original, keep)`` for every masked original of a tracked module."""
-    found: dict[int, tuple[Tensor, Tensor]] = {}
-    for module in list(_tracked):
-        chains = module._modules.get("parametrizations")
-        if not isinstance(chains, nn.ModuleDict):
-            continue
-        for chain in chains.values():
-            original = chain._parameters.get("original")
-            leading = []
-            for parametrization in chain:  # type: ignore[attr-defined]
-                if not isinstance(parametrization, FixedMask):
-                    break
-                leading.append(parametrization.mask)
-            if original is None or not leading:
+# -- the registry -------------------------------------------------------------------------
+
+
+class _Owners:
+    """The masked modules that store one parameter, and where all of them mask it."""
+
+    def __init__(self, param: Tensor) -> None:
+        key = id(param)
+
+        def forget(ref: weakref.ref[Tensor]) -> None:
+            if _registry.get(key) is self:  # a callback may fire after the id found a new home
+                _registry.pop(key, None)
+
+        self.param = weakref.ref(param, forget)
+        self.users: dict[tuple[int, str], weakref.ref[nn.Module]] = {}
+
+    def off(self, param: Tensor) -> tuple[Tensor, list[str]] | None:
+        """Where no user keeps ``param`` (the entries to hold), and the users' names."""
+        keeps: list[Tensor] = []
+        names: list[str] = []
+        for key, ref in list(self.users.items()):
+            module = ref()
+            keep = None if module is None else _keep(module, key[1], param)
+            if keep is None:
+                self.users.pop(key, None)  # gone, unmasked, or storing another tensor now
                 continue
-            keep = leading[0]
-            for mask in leading[1:]:
-                keep = keep & mask
-            found[id(original)] = (original, keep)
-    return found
+            keeps.append(keep)
+            names.append(f"{layer_name(module)}.{key[1]}")
+        if not keeps:
+            return None
+        keep = keeps[0]
+        for other in keeps[1:]:
+            keep = keep | other
+        return ~keep, names
 
 
+def _keep(module: nn.Module, name: str, param: Tensor) -> Tensor | None:
+    """Where ``module`` keeps ``param`` through the masks leading its chain for ``name``."""
+    chains = module._modules.get("parametrizations")
+    chain = chains._modules.get(name) if isinstance(chains, nn.ModuleDict) else None
+    if chain is None or chain._parameters.get("original") is not param:
+        return None
+    keep = None
+    for parametrization in chain:  # type: ignore[attr-defined]
+        if not isinstance(parametrization, FixedMask):
+            break
+        keep = parametrization.mask if keep is None else keep & parametrization.mask
+    return keep
+
+
+def _register(module: nn.Module) -> None:
+    chains = module._modules.get("parametrizations")
+    if not isinstance(chains, nn.ModuleDict):
+        return
+    for name, chain in chains.items():
+        original = chain._parameters.get("original")
+        if not isinstance(original, Tensor) or _keep(module, name, original) is None:
+            continue
+        owners = _registry.get(id(original))
+        if owners is None or owners.param() is not original:
+            owners = _registry[id(original)] = _Owners(original)
+        owners.users[(id(module), name)] = weakref.ref(module)
+
+
+def _refresh(optimizer: Any) -> None:
+    """Register every tracked module again, once per optimizer after a change we cannot see."""
+    key = id(optimizer)
+    ref = _checked.get(key)
+    if ref is not None and ref() is optimizer:
+        return
+    for module in list(_tracked):
+        _register(module)
+    _checked[key] = weakref.ref(optimizer, lambda _, key=key: _checked.pop(key, None))
+
+
+# -- the hold -------------------------------------------------------------------------------
+
+
+@torch.compiler.disable  # type: ignore[misc]
 def _hold(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    _put_back(optimizer, args, kwargs)  # a step that raised left its values held
-    if not _tracked:
-        return
-    masked = _masked_originals()
-    if not masked:
-        return
-    held = []
-    with torch.no_grad():
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                entry = masked.get(id(param))
-                if entry is not None:
-                    held.append(_Held(*_local(param, ~entry[1])))
-    if held:
-        _held[optimizer] = held
+    with _lock:
+        stale = _steps.pop(id(optimizer), None)
+        if stale is not None:
+            stale.drop()
+        if not _tracked:
+            return
+        _refresh(optimizer)
+        held = []
+        with torch.no_grad():
+            for param in _parameters(optimizer):
+                owners = _registry.get(id(param))
+                if owners is None or owners.param() is not param:
+                    continue
+                found = owners.off(param)
+                if found is not None:
+                    held.append(_Held(param, *found))
+        if held:
+            _steps[id(optimizer)] = _Step(optimizer, held)
 
 
+@torch.compiler.disable  # type: ignore[misc]
 def _put_back(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    held = _held.pop(optimizer, None)
-    if not held:
-        return
-    with torch.no_grad():
-        for entry in held:
-            entry.put_back()
+    # Ctrl-C is held until every value is back: a put-back split in two would lose some.
+    with _transaction.sigint_held(), _lock:
+        step = _steps.pop(id(optimizer), None)
+        if step is None or step.optimizer() is not optimizer:
+            return
+        with torch.no_grad():
+            step.put_back()
+
+
+def _parameters(optimizer: Any) -> Iterator[Tensor]:
+    seen: set[int] = set()
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield param
+
+
+class _Step:
+    """The values one optimizer step holds, until its end puts them back."""
+
+    def __init__(self, optimizer: Any, held: list[_Held]) -> None:
+        key = id(optimizer)
+        self.optimizer = weakref.ref(optimizer, lambda _: _steps.pop(key, None))
+        self.name = type(optimizer).__name__
+        self.held = held
+
+    def put_back(self) -> None:
+        for held in self.held:
+            if not held.dropped:
+                held.put_back()
+
+    def drop(self, params: set[int] | None = None) -> None:
+        """Forget the values held for ``params`` (all by default) without writing them.
+
+        If the step had moved them, say so once: they stay where the step left them.
+        """
+        dropped = [
+            held
+            for held in self.held
+            if not held.dropped and (params is None or id(held.param) in params)
+        ]
+        with torch.no_grad():
+            moved = Counter(name for held in dropped if held.moved() for name in held.names)
+        for held in dropped:
+            held.dropped = True
+        if moved:
+            warnings.warn(
+                f"A {self.name} step did not finish (it raised or was interrupted), or is "
+                f"still running, and it has moved values under the mask of {_count(moved)}. "
+                "maskparam does not put them back, since newer values may be written over "
+                "them: the masked weights are unaffected, but remove_mask(bake=False) and "
+                "set_mask give back the moved values.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 class _Held:
-    """The entries of ``stored`` where ``off`` is True, copied aside until put back.
+    """The entries of ``param`` where ``off`` is True, copied aside until put back.
 
     A mask that varies only over the trailing dims (a kernel's spatial mask) or only over
     the leading ones (one per output channel) picks whole columns or rows of a 2-D view,
     which gathers and scatters several times faster than an elementwise boolean select.
+    The view is taken again at put-back, of the tensor the parameter holds then.
     """
 
-    def __init__(self, stored: Tensor, off: Tensor) -> None:
-        self.stored, self.dim = stored, None
-        off = off.reshape((1,) * (stored.dim() - off.dim()) + tuple(off.shape))
-        varies = [size != 1 for size in off.shape]
-        if stored.is_contiguous() and any(varies):
+    def __init__(self, param: Tensor, off: Tensor, names: list[str]) -> None:
+        self.param, self.names = param, names
+        self.dropped = False
+        stored = _local(param)
+        off = off.to(stored.device)
+        if _compat.is_dtensor(param):
+            off = _compat.local_shard(off, param)
+        self.off = off.reshape((1,) * (stored.dim() - off.dim()) + tuple(off.shape))
+        self.shape, self.dtype = stored.shape, stored.dtype
+        self.dim: int | None = None
+        varies = [size != 1 for size in self.off.shape]
+        if any(varies):
             first = varies.index(True)
             last = len(varies) - varies[::-1].index(True)  # off varies within [first, last)
             if first > 0 and last == stored.dim():  # columns of a (lead, trail) view
-                split, self.dim = first, 1
-                picked = off.reshape(off.shape[first:]).expand(stored.shape[first:])
+                self.split, self.dim = first, 1
+                picked = self.off.reshape(self.off.shape[first:]).expand(stored.shape[first:])
             elif first == 0 and last < stored.dim():  # rows
-                split, self.dim = last, 0
-                picked = off.reshape(off.shape[:last]).expand(stored.shape[:last])
+                self.split, self.dim = last, 0
+                picked = self.off.reshape(self.off.shape[:last]).expand(stored.shape[:last])
         if self.dim is not None:
-            self.view = stored.view(
-                math.prod(stored.shape[:split]), math.prod(stored.shape[split:])
-            )
             self.index = picked.reshape(-1).nonzero().squeeze(1)
-            self.values = self.view.index_select(self.dim, self.index)
-        else:  # a mask per element: an index would take twice the values' memory
-            self.off = off.expand(stored.shape)
-            self.values = stored.masked_select(self.off)
+        self.values = self._gather(stored)
+
+    def _view(self, stored: Tensor) -> Tensor | None:
+        if self.dim is None or not stored.is_contiguous():
+            return None
+        split = self.split
+        return stored.view(math.prod(stored.shape[:split]), math.prod(stored.shape[split:]))
+
+    def _gather(self, stored: Tensor) -> Tensor:
+        view = self._view(stored)
+        if view is not None:
+            return view.index_select(self.dim, self.index)  # type: ignore[arg-type]
+        # A mask per element, or a tensor that is not contiguous: an index would take
+        # twice the values' memory.
+        return stored.masked_select(self.off.expand(stored.shape))
+
+    def _current(self) -> Tensor | None:
+        """The tensor ``param`` holds now, if the values still fit it."""
+        stored = _local(self.param)
+        if stored.shape != self.shape or stored.dtype != self.dtype:
+            return None  # resized or converted meanwhile: the held values no longer apply
+        return stored
 
     def put_back(self) -> None:
-        if self.dim is None:
-            self.stored.masked_scatter_(self.off, self.values)
-        else:
-            self.view.index_copy_(self.dim, self.index, self.values)
+        stored = self._current()
+        if stored is None:
+            return
+        view = self._view(stored)
+        if view is not None and self.values.dim() == 2:
+            view.index_copy_(self.dim, self.index, self.values)  # type: ignore[arg-type]
+        else:  # both gathers give the entries in the same (row-major) order
+            stored.masked_scatter_(self.off.expand(stored.shape), self.values.reshape(-1))
+
+    def moved(self) -> bool:
+        """Whether the values under the mask differ, bit for bit, from the held ones."""
+        stored = self._current()
+        if stored is None:
+            return True
+        now = self._gather(stored).reshape(-1)
+        held = self.values.reshape(-1)
+        if now.shape != held.shape:
+            return True
+        return not torch.equal(_bits(now), _bits(held))
 
 
-def _local(param: Tensor, off: Tensor) -> tuple[Tensor, Tensor]:
-    """The tensor an optimizer writes for ``param``, and ``off`` cut to match it.
-
-    A DTensor (FSDP2's sharded parameter) is written shard by shard; each rank holds only
-    its own part of the mask's entries.
-    """
-    off = off.to(param.device)
-    if not _is_dtensor(param):
-        return param, off
-    from maskparam import _compat
-
-    local: Tensor = param.to_local()  # type: ignore[attr-defined]
-    return local, _compat.local_shard(off, param)
+def _count(names: Counter[str]) -> str:
+    return ", ".join(
+        name if count == 1 else f"{name} ({count} layers)" for name, count in sorted(names.items())
+    )
 
 
-def _is_dtensor(tensor: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+def _bits(values: Tensor) -> Tensor:
+    """The values' bytes, so that NaN equals NaN and -0.0 differs from 0.0."""
+    return values.contiguous().view(torch.uint8)
 
-    return isinstance(tensor, DTensor)
+
+def _local(param: Tensor) -> Tensor:
+    """The tensor an optimizer writes for ``param``: a DTensor's local shard (FSDP2)."""
+    if _compat.is_dtensor(param):
+        local: Tensor = param.to_local()  # type: ignore[attr-defined]
+        return local
+    return param

@@ -1,9 +1,10 @@
 """All or nothing: a call that changes modules completes, or leaves them exactly as they were.
 
 :func:`atomic` wraps every public call that masks, unmasks or changes a mask. It records what
-such a call can change on each module (its class, its attributes, the dicts that hold its
-parameters, buffers, submodules and hooks, and which memory each tensor points at), and
-puts all of it back if anything raises inside, a ``KeyboardInterrupt`` included. A Ctrl-C
+such a call can change on each module (its class, the properties that parametrize adds to and
+deletes from that class, its attributes, the dicts that hold its parameters, buffers,
+submodules and hooks, and which memory each tensor points at), and puts all of it back if
+anything raises inside, a ``KeyboardInterrupt`` included. A Ctrl-C
 (SIGINT) that arrives meanwhile is held until the modules are consistent again, then raised.
 """
 
@@ -18,8 +19,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-__all__ = ["atomic"]
+__all__ = ["atomic", "sigint_held"]
 
 _state = threading.local()
 
@@ -31,7 +33,7 @@ def atomic(modules: Iterable[nn.Module]) -> Iterator[None]:
     The body also runs outside inference mode, so that what it creates (masks, plans) can be
     saved for backward in a later training step.
     """
-    with _sigint_held():
+    with sigint_held():
         snapshot = [_ModuleState(module) for module in _with_parametrizations(modules)]
         try:
             with torch.inference_mode(False):
@@ -60,6 +62,11 @@ class _ModuleState:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.cls = type(module)
+        # parametrize edits the class object itself: it sets a property per parametrized
+        # tensor on the class, and deletes it on removal. Classes made for this one module
+        # (by parametrize or by maskparam) are therefore part of its state; the module's own
+        # class, shared with other instances, is never edited and not recorded.
+        self.classes = [(cls, dict(vars(cls))) for cls in _generated_classes(module)]
         self.attrs = dict(module.__dict__)
         # Containers are restored in place: hook handles and torch hold on to them.
         self.contents = {
@@ -75,6 +82,8 @@ class _ModuleState:
 
     def restore(self) -> None:
         module = self.module
+        for cls, attrs in self.classes:
+            _restore_class(cls, attrs)
         module.__class__ = self.cls
         for key in [key for key in module.__dict__ if key not in self.attrs]:
             del module.__dict__[key]
@@ -89,6 +98,26 @@ class _ModuleState:
                     tensor.set_(alias)  # type: ignore[call-overload]
 
 
+def _generated_classes(module: nn.Module) -> list[type]:
+    """The classes above ``module``'s own that were made for it alone by parametrize."""
+    if not parametrize.is_parametrized(module):
+        return []
+    base = parametrize.type_before_parametrizations(module)
+    return [cls for cls in type(module).__mro__ if cls is not base and issubclass(cls, base)]
+
+
+def _restore_class(cls: type, attrs: dict[str, Any]) -> None:
+    """Give ``cls`` back exactly the attributes ``attrs`` (a copy of its ``__dict__``)."""
+    for key in [key for key in vars(cls) if key not in attrs]:
+        delattr(cls, key)
+    for key, value in attrs.items():
+        if vars(cls).get(key, _MISSING) is not value:
+            setattr(cls, key, value)
+
+
+_MISSING = object()
+
+
 def _same_memory(tensor: Tensor, alias: Tensor) -> bool:
     return (
         tensor.untyped_storage().data_ptr() == alias.untyped_storage().data_ptr()
@@ -101,7 +130,7 @@ def _same_memory(tensor: Tensor, alias: Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def _sigint_held() -> Iterator[None]:
+def sigint_held() -> Iterator[None]:
     """Hold a SIGINT that arrives inside the block, and deliver it once the block is done.
 
     Only the main thread receives signals, so elsewhere (and in nested blocks) this does

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from maskparam import _checks, _compat, _forward, _module_class, _transaction, taps
+from maskparam import _checks, _compat, _forward, _module_class, _optim, _transaction, taps
 from maskparam.parametrizations import BiasMask, FixedMask, channel_activity
 from maskparam.partial import DATA_BIAS_MODES
 
@@ -94,7 +94,8 @@ def apply_mask(
     Raises:
         TypeError: If ``module`` is not a module or ``mask`` is not tensor-like.
         ValueError: If the mask does not fit the weight or holds values other than 0/1, if
-            the module has no such parameter or it is already masked, if ``bias_mode`` is
+            the module has no such parameter or it is already masked, if its gradients are
+            sparse (``nn.Embedding(sparse=True)``), if ``bias_mode`` is
             unknown or cannot apply to this layer, or if ``execution`` is unknown or set for
             a ``name`` other than ``"weight"``.
 
@@ -160,6 +161,7 @@ def remove_mask(module: nn.Module, *, name: str = "weight", bake: bool = True) -
     _checks.check_module(module, "remove_mask")
     _check_removable(module, name, bake)
     owned_bias = name == "weight" and _bias_mask_of(module) is not None
+    _optim.release(_originals(module, (name, "bias") if owned_bias else (name,)))
     with _transaction.atomic([module]):
         for tensor_name in (name, "bias") if owned_bias else (name,):
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=bake)
@@ -243,6 +245,7 @@ def set_mask(module: nn.Module, mask: Tensor | Any, name: str = "weight") -> nn.
     if isinstance(execution, taps.TapExecution):
         execution_new = execution.replanned(module, new, weight.shape)
     _checks.warn_if_empty(new, where)
+    _optim.release(_originals(module, (name, "bias") if bias_new is not None else (name,)))
     with _transaction.atomic([module]):
         fixed.set_mask(new)
         if bias is not None and bias_new is not None:
@@ -264,6 +267,12 @@ def _mask_and_original(module: nn.Module, name: str) -> tuple[FixedMask, Tensor]
     return fixed, original
 
 
+def _originals(module: nn.Module, names: tuple[str, ...]) -> list[Tensor]:
+    """The stored originals of ``module``'s parametrized tensors ``names``."""
+    chains: Any = module.parametrizations  # type: ignore[union-attr]
+    return [chains[name].original for name in names if name in chains]
+
+
 def _prepare(
     module: nn.Module, mask: Tensor | Any, name: str, bias_mode: str, execution: str = "dense"
 ) -> tuple[Tensor, Tensor, BiasMask | None, taps.TapExecution | None]:
@@ -275,6 +284,13 @@ def _prepare(
     """
     _checks.check_module(module, "apply_mask")
     weight = _unmasked_parameter(module, name)
+    if getattr(module, "sparse", False) is True:
+        raise ValueError(
+            f"apply_mask expects a layer whose gradients are dense. Got "
+            f"{_checks.layer_name(module)} with sparse=True: its {name} gets a sparse "
+            "gradient, which cannot flow through the mask (torch.where), so backward would "
+            "fail. Build the layer with sparse=False to mask it."
+        )
     mask = _checks.as_bool_mask(mask, "apply_mask")
     where = f"{_checks.layer_name(module)}.{name}"
     _checks.check_mask_fits(mask, weight, where, "apply_mask")
