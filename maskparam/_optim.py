@@ -31,10 +31,10 @@ The rules that keep a weight from ever being silently wrong:
 from __future__ import annotations
 
 import math
-from collections import Counter
 import threading
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
