@@ -94,8 +94,10 @@ def release(params: Iterable[Tensor]) -> None:
     """
     ids = {id(param) for param in params}
     with _lock:
-        for step in list(_steps.values()):
+        for key, step in list(_steps.items()):
             step.drop(ids)
+            if all(held.dropped for held in step.held):
+                _steps.pop(key, None)
 
 
 def held_count() -> int:
