@@ -119,7 +119,8 @@ def test_a_failed_step_that_moved_values_is_reported_once_by_layer() -> None:
         opt.step()
     messages = [str(w.message) for w in record if w.category is RuntimeWarning]
     assert len(messages) == 1
-    assert "Conv2d.weight" in messages[0] and "Linear" not in messages[0]
+    assert "Conv2d.weight" in messages[0]
+    assert "Linear" not in messages[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()  # reported once: this step holds and puts back as usual
