@@ -174,8 +174,7 @@ def _load_from_state_dict(
     chains: nn.ModuleDict = self.parametrizations  # type: ignore[assignment]
     _optim.release(chain.original for chain in chains.values())
     _adapt_masked_keys(self, state_dict, prefix, assign, error_msgs)
-    if strict:
-        _check_plain_parameters(self, state_dict, prefix, error_msgs)
+    _check_plain_parameters(self, state_dict, prefix, error_msgs)
     if assign:
         _optim.mark_stale()  # the originals become the checkpoint's tensors
     _base_of(self)._load_from_state_dict(
@@ -254,7 +253,8 @@ def _check_plain_parameters(
 
     A model masked with ``bias_mode="keep"`` has a plain bias, while a checkpoint saved with
     ``"zero"`` or ``"channel"`` holds a masked one: torch alone would only report a missing
-    ``bias`` and unexpected ``parametrizations.bias`` keys.
+    ``bias`` and unexpected ``parametrizations.bias`` keys. Like a size mismatch, this is an
+    error with ``strict=False`` too: the checkpoint has the tensor, in a form that does not fit.
     """
     kind = _checks.layer_name(module)
     for name in module._parameters:

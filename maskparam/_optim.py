@@ -31,7 +31,6 @@ The rules that keep a weight from ever being silently wrong:
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 import weakref
 from collections import Counter
@@ -51,13 +50,14 @@ from maskparam.parametrizations import FixedMask
 
 __all__ = ["held_count", "mark_stale", "release", "track"]
 
-# The lock guards the registry and the holds: several threads may mask modules, copy them and
-# step optimizers at once. Re-entrant: a garbage-collection callback may run while it is held.
-_lock = threading.RLock()
+# Several threads may mask modules, copy them and step optimizers at once, and garbage
+# collection may drop entries at any moment. The state is plain dicts, read and written one
+# item at a time and iterated only through list() copies, each a single step under the GIL:
+# no lock, so no lock that a fault between two lines could leave held.
 # id(parameter) -> the masked modules that store that parameter as an original.
 _registry: dict[int, _Owners] = {}
 # Every module given to track(), for the one full pass that a new optimizer or a load needs.
-_tracked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_tracked: dict[int, weakref.ref[nn.Module]] = {}
 # id(optimizer) -> its step in progress. Keyed by id: an optimizer need not be hashable.
 _steps: dict[int, _Step] = {}
 # Optimizers whose parameters the registry has been checked against since it last changed.
@@ -67,12 +67,20 @@ _handles: list[Any] = []
 
 def track(module: nn.Module) -> None:
     """Protect the masked originals of ``module`` in every later optimizer step."""
-    with _lock:
-        if not _handles:
-            _handles.append(register_optimizer_step_pre_hook(_hold))
-            _handles.append(register_optimizer_step_post_hook(_put_back))
-        _tracked.add(module)
-        _register(module)
+    if not _handles:
+        # Two threads racing here register the hooks twice, which is harmless: the second
+        # hold finds the first one's values unmoved, and holds them again.
+        _handles.append(register_optimizer_step_pre_hook(_hold))
+        _handles.append(register_optimizer_step_post_hook(_put_back))
+    key = id(module)
+    if key not in _tracked or _tracked[key]() is not module:
+
+        def on_free(ref: weakref.ref[nn.Module]) -> None:
+            if _tracked.get(key) is ref:
+                _tracked.pop(key, None)
+
+        _tracked[key] = weakref.ref(module, on_free)
+    _register(module)
 
 
 def mark_stale() -> None:
@@ -81,8 +89,7 @@ def mark_stale() -> None:
     For changes that give a masked module new parameter objects without going through
     :func:`track`: a load with ``assign=True``, ``to_empty``, FSDP2's sharding.
     """
-    with _lock:
-        _checked.clear()
+    _checked.clear()
 
 
 def release(params: Iterable[Tensor]) -> None:
@@ -93,11 +100,10 @@ def release(params: Iterable[Tensor]) -> None:
     now are newer than the held ones, which must never be written over them.
     """
     ids = {id(param) for param in params}
-    with _lock:
-        for key, step in list(_steps.items()):
-            step.drop(ids)
-            if all(held.dropped for held in step.held):
-                _steps.pop(key, None)
+    for key, step in list(_steps.items()):
+        step.drop(ids)
+        if all(held.dropped for held in step.held):
+            _steps.pop(key, None)
 
 
 def held_count() -> int:
@@ -106,8 +112,7 @@ def held_count() -> int:
     0 between steps; a step that raised keeps its hold until that optimizer's next step,
     which drops it.
     """
-    with _lock:
-        return len(_steps)
+    return len(_steps)
 
 
 # -- the registry -------------------------------------------------------------------------
@@ -119,11 +124,11 @@ class _Owners:
     def __init__(self, param: Tensor) -> None:
         key = id(param)
 
-        def forget(ref: weakref.ref[Tensor]) -> None:
-            if _registry.get(key) is self:  # a callback may fire after the id found a new home
+        def on_free(ref: weakref.ref[Tensor]) -> None:
+            if _registry.get(key) is self:
                 _registry.pop(key, None)
 
-        self.param = weakref.ref(param, forget)
+        self.param = weakref.ref(param, on_free)
         self.users: dict[tuple[int, str], weakref.ref[nn.Module]] = {}
 
     def off(self, param: Tensor) -> tuple[Tensor, list[str]] | None:
@@ -180,9 +185,15 @@ def _refresh(optimizer: Any) -> None:
     ref = _checked.get(key)
     if ref is not None and ref() is optimizer:
         return
-    for module in list(_tracked):
-        _register(module)
-    _checked[key] = weakref.ref(optimizer, lambda _, key=key: _checked.pop(key, None))
+    for ref in list(_tracked.values()):
+        module = ref()
+        if module is not None:
+            _register(module)
+
+    def on_free(ref: weakref.ref[Any]) -> None:
+        _checked.pop(key, None)
+
+    _checked[key] = weakref.ref(optimizer, on_free)
 
 
 # -- the hold -------------------------------------------------------------------------------
@@ -190,30 +201,29 @@ def _refresh(optimizer: Any) -> None:
 
 @torch.compiler.disable  # type: ignore[misc]
 def _hold(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    with _lock:
-        stale = _steps.pop(id(optimizer), None)
-        if stale is not None:
-            stale.drop()
-        if not _tracked:
-            return
-        _refresh(optimizer)
-        held = []
-        with torch.no_grad():
-            for param in _parameters(optimizer):
-                owners = _registry.get(id(param))
-                if owners is None or owners.param() is not param:
-                    continue
-                found = owners.off(param)
-                if found is not None:
-                    held.append(_Held(param, *found))
-        if held:
-            _steps[id(optimizer)] = _Step(optimizer, held)
+    stale = _steps.pop(id(optimizer), None)
+    if stale is not None:
+        stale.drop()
+    if not _tracked:
+        return
+    _refresh(optimizer)
+    held = []
+    with torch.no_grad():
+        for param in _parameters(optimizer):
+            owners = _registry.get(id(param))
+            if owners is None or owners.param() is not param:
+                continue
+            found = owners.off(param)
+            if found is not None:
+                held.append(_Held(param, *found))
+    if held:
+        _steps[id(optimizer)] = _Step(optimizer, held)
 
 
 @torch.compiler.disable  # type: ignore[misc]
 def _put_back(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     # Ctrl-C is held until every value is back: a put-back split in two would lose some.
-    with _transaction.sigint_held(), _lock:
+    with _transaction.sigint_held():
         step = _steps.pop(id(optimizer), None)
         if step is None or step.optimizer() is not optimizer:
             return
@@ -235,7 +245,11 @@ class _Step:
 
     def __init__(self, optimizer: Any, held: list[_Held]) -> None:
         key = id(optimizer)
-        self.optimizer = weakref.ref(optimizer, lambda _: _steps.pop(key, None))
+
+        def on_free(ref: weakref.ref[Any]) -> None:
+            _steps.pop(key, None)
+
+        self.optimizer = weakref.ref(optimizer, on_free)
         self.name = type(optimizer).__name__
         self.held = held
 
