@@ -130,39 +130,59 @@ class _Owners:
 
         self.param = weakref.ref(param, on_free)
         self.users: dict[tuple[int, str], weakref.ref[nn.Module]] = {}
+        self.cached: tuple[tuple[Any, ...], _Where] | None = None
 
-    def off(self, param: Tensor) -> tuple[Tensor, list[str]] | None:
-        """Where no user keeps ``param`` (the entries to hold), and the users' names."""
-        keeps: list[Tensor] = []
-        names: list[str] = []
+    def where(self, param: Tensor) -> _Where | None:
+        """Which entries of ``param`` to hold: those that no user keeps. None if no user.
+
+        Cached while the users and their masks stay the same objects at the same version.
+        """
+        found = []
         for key, ref in list(self.users.items()):
             module = ref()
-            keep = None if module is None else _keep(module, key[1], param)
-            if keep is None:
+            masks = None if module is None else _leading_masks(module, key[1], param)
+            if not masks:
                 self.users.pop(key, None)  # gone, unmasked, or storing another tensor now
                 continue
-            keeps.append(keep)
-            names.append(f"{layer_name(module)}.{key[1]}")
-        if not keeps:
+            found.append((module, key[1], masks))
+        if not found:
             return None
-        keep = keeps[0]
-        for other in keeps[1:]:
-            keep = keep | other
-        return ~keep, names
+        signature = (
+            tuple((id(module), name) for module, name, _ in found),
+            tuple((id(m), _compat.tensor_version(m)) for _, _, masks in found for m in masks),
+            _local(param).shape,
+            param.device,
+        )
+        cached = self.cached
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        keep = None
+        for _, _, masks in found:
+            user_keeps = masks[0]
+            for mask in masks[1:]:
+                user_keeps = user_keeps & mask
+            keep = user_keeps if keep is None else keep | user_keeps
+        names = [f"{layer_name(module)}.{name}" for module, name, _ in found]
+        where = _Where(param, ~keep, names)  # type: ignore[operator]
+        self.cached = (signature, where)
+        return where
 
 
-def _keep(module: nn.Module, name: str, param: Tensor) -> Tensor | None:
-    """Where ``module`` keeps ``param`` through the masks leading its chain for ``name``."""
+def _leading_masks(module: nn.Module, name: str, param: Tensor) -> list[Tensor]:
+    """The masks of the FixedMasks that lead ``module``'s chain for ``name``.
+
+    Empty unless that chain stores ``param``. The module keeps an entry where all are True.
+    """
     chains = module._modules.get("parametrizations")
     chain = chains._modules.get(name) if isinstance(chains, nn.ModuleDict) else None
     if chain is None or chain._parameters.get("original") is not param:
-        return None
-    keep = None
+        return []
+    masks = []
     for parametrization in chain:  # type: ignore[attr-defined]
         if not isinstance(parametrization, FixedMask):
             break
-        keep = parametrization.mask if keep is None else keep & parametrization.mask
-    return keep
+        masks.append(parametrization.mask)
+    return masks
 
 
 def _register(module: nn.Module) -> None:
@@ -171,7 +191,7 @@ def _register(module: nn.Module) -> None:
         return
     for name, chain in chains.items():
         original = chain._parameters.get("original")
-        if not isinstance(original, Tensor) or _keep(module, name, original) is None:
+        if not isinstance(original, Tensor) or not _leading_masks(module, name, original):
             continue
         owners = _registry.get(id(original))
         if owners is None or owners.param() is not original:
@@ -199,8 +219,21 @@ def _refresh(optimizer: Any) -> None:
 # -- the hold -------------------------------------------------------------------------------
 
 
-@torch.compiler.disable  # type: ignore[misc]
 def _hold(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if torch.compiler.is_compiling():
+        _eager_hold(optimizer, args, kwargs)  # a graph break: the hold runs outside the trace
+    else:
+        _hold_now(optimizer)
+
+
+def _put_back(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if torch.compiler.is_compiling():
+        _eager_put_back(optimizer, args, kwargs)
+    elif id(optimizer) in _steps:
+        _put_back_now(optimizer)
+
+
+def _hold_now(optimizer: torch.optim.Optimizer) -> None:
     stale = _steps.pop(id(optimizer), None)
     if stale is not None:
         stale.drop()
@@ -213,15 +246,14 @@ def _hold(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             owners = _registry.get(id(param))
             if owners is None or owners.param() is not param:
                 continue
-            found = owners.off(param)
-            if found is not None:
-                held.append(_Held(param, *found))
+            where = owners.where(param)
+            if where is not None:
+                held.append(_Held(param, where))
     if held:
         _steps[id(optimizer)] = _Step(optimizer, held)
 
 
-@torch.compiler.disable  # type: ignore[misc]
-def _put_back(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+def _put_back_now(optimizer: torch.optim.Optimizer) -> None:
     # Ctrl-C is held until every value is back: a put-back split in two would lose some.
     with _transaction.sigint_held():
         step = _steps.pop(id(optimizer), None)
@@ -229,6 +261,17 @@ def _put_back(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             return
         with torch.no_grad():
             step.put_back()
+
+
+@torch.compiler.disable  # type: ignore[misc]
+def _eager_hold(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _hold_now(optimizer)
+
+
+@torch.compiler.disable  # type: ignore[misc]
+def _eager_put_back(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if id(optimizer) in _steps:
+        _put_back_now(optimizer)
 
 
 def _parameters(optimizer: Any) -> Iterator[Tensor]:
@@ -284,24 +327,22 @@ class _Step:
             )
 
 
-class _Held:
-    """The entries of ``param`` where ``off`` is True, copied aside until put back.
+class _Where:
+    """Which entries of a parameter to hold, and how to gather and scatter them.
 
     A mask that varies only over the trailing dims (a kernel's spatial mask) or only over
     the leading ones (one per output channel) picks whole columns or rows of a 2-D view,
     which gathers and scatters several times faster than an elementwise boolean select.
-    The view is taken again at put-back, of the tensor the parameter holds then.
     """
 
     def __init__(self, param: Tensor, off: Tensor, names: list[str]) -> None:
-        self.param, self.names = param, names
-        self.dropped = False
+        self.names = names
         stored = _local(param)
         off = off.to(stored.device)
         if _compat.is_dtensor(param):
             off = _compat.local_shard(off, param)
         self.off = off.reshape((1,) * (stored.dim() - off.dim()) + tuple(off.shape))
-        self.shape, self.dtype = stored.shape, stored.dtype
+        self.shape = stored.shape
         self.dim: int | None = None
         varies = [size != 1 for size in self.off.shape]
         if any(varies):
@@ -315,7 +356,6 @@ class _Held:
                 picked = self.off.reshape(self.off.shape[:last]).expand(stored.shape[:last])
         if self.dim is not None:
             self.index = picked.reshape(-1).nonzero().squeeze(1)
-        self.values = self._gather(stored)
 
     def _view(self, stored: Tensor) -> Tensor | None:
         if self.dim is None or not stored.is_contiguous():
@@ -323,13 +363,37 @@ class _Held:
         split = self.split
         return stored.view(math.prod(stored.shape[:split]), math.prod(stored.shape[split:]))
 
-    def _gather(self, stored: Tensor) -> Tensor:
+    def gather(self, stored: Tensor) -> Tensor:
+        """The held entries of ``stored``, in row-major order (either way they are taken)."""
         view = self._view(stored)
         if view is not None:
             return view.index_select(self.dim, self.index)  # type: ignore[arg-type]
         # A mask per element, or a tensor that is not contiguous: an index would take
         # twice the values' memory.
         return stored.masked_select(self.off.expand(stored.shape))
+
+    def scatter(self, stored: Tensor, values: Tensor) -> None:
+        """Write ``values`` (from :meth:`gather`) back into the held entries of ``stored``."""
+        view = self._view(stored)
+        if view is not None and values.dim() == 2:
+            view.index_copy_(self.dim, self.index, values)  # type: ignore[arg-type]
+        else:
+            stored.masked_scatter_(self.off.expand(stored.shape), values.reshape(-1))
+
+
+class _Held:
+    """The entries of ``param`` that ``where`` picks, copied aside until put back.
+
+    They go back into the tensor the parameter holds at put-back, which an optimizer that
+    rebinds ``p.data`` may have replaced.
+    """
+
+    def __init__(self, param: Tensor, where: _Where) -> None:
+        self.param, self.where, self.names = param, where, where.names
+        self.dropped = False
+        stored = _local(param)
+        self.shape, self.dtype = stored.shape, stored.dtype
+        self.values = where.gather(stored)
 
     def _current(self) -> Tensor | None:
         """The tensor ``param`` holds now, if the values still fit it."""
@@ -340,20 +404,15 @@ class _Held:
 
     def put_back(self) -> None:
         stored = self._current()
-        if stored is None:
-            return
-        view = self._view(stored)
-        if view is not None and self.values.dim() == 2:
-            view.index_copy_(self.dim, self.index, self.values)  # type: ignore[arg-type]
-        else:  # both gathers give the entries in the same (row-major) order
-            stored.masked_scatter_(self.off.expand(stored.shape), self.values.reshape(-1))
+        if stored is not None:
+            self.where.scatter(stored, self.values)
 
     def moved(self) -> bool:
         """Whether the values under the mask differ, bit for bit, from the held ones."""
         stored = self._current()
         if stored is None:
             return True
-        now = self._gather(stored).reshape(-1)
+        now = self.where.gather(stored).reshape(-1)
         held = self.values.reshape(-1)
         if now.shape != held.shape:
             return True

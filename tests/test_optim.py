@@ -194,7 +194,7 @@ def test_held_values_come_back_for_any_mask_shape(
     if channels_last and len(shape) == 4:
         stored = stored.to(memory_format=torch.channels_last)
     before = stored.clone()
-    held = _optim._Held(stored, off, [])
+    held = _optim._Held(stored, _optim._Where(stored, off, []))
     stored.add_(1.0)  # a step moves everything
     held.put_back()
     full = off.expand(stored.shape)
@@ -205,6 +205,6 @@ def test_held_values_come_back_for_any_mask_shape(
 def test_held_values_of_an_empty_shard() -> None:
     # FSDP2 gives a rank no rows of a small layer: the hold must not trip over it.
     for stored in (torch.randn(0, 4, 3, 3), torch.randn(2, 0, 3, 3)):
-        held = _optim._Held(stored, ~PLUS, [])
+        held = _optim._Held(stored, _optim._Where(stored, ~PLUS, []))
         held.put_back()
         assert held.values.numel() == 0

@@ -245,13 +245,13 @@ def test_a_step_looks_only_at_the_optimizers_own_parameters(
     _backward(conv)
     opt.step()  # a new optimizer checks the registry once
     looked: list[int] = []
-    real = _optim._Owners.off
+    real = _optim._Owners.where
 
     def counting(self: _optim._Owners, param: torch.Tensor) -> object:
         looked.append(id(param))
         return real(self, param)
 
-    monkeypatch.setattr(_optim._Owners, "off", counting)
+    monkeypatch.setattr(_optim._Owners, "where", counting)
     monkeypatch.setattr(_optim, "_register", lambda module: pytest.fail("a scan"))
     for _ in range(3):
         opt.step()
