@@ -17,7 +17,7 @@ import os
 import re
 import secrets
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,23 +177,22 @@ def bake_file(
 class _Voice:
     """How the messages of :func:`bake_file` name the caller and its options.
 
-    The Python function and the command line share the checks, and each speaks its own
-    language: ``bake_file ... key='model'`` or ``maskparam bake ... --key model``.
+    The Python function and the command line (``maskparam.__main__``) share the checks,
+    and each speaks its own language: ``bake_file ... key='model'`` or
+    ``maskparam bake ... --key model``.
+
+    Attributes:
+        caller: The name that starts every message.
+        overwrite: How to ask for an existing target to be replaced.
+        key: How to pass a given key.
     """
 
     caller: str
-    command_line: bool
-
-    def key(self, key: str) -> str:
-        return f"--key {key}" if self.command_line else f"key={key!r}"
-
-    @property
-    def overwrite(self) -> str:
-        return "--overwrite" if self.command_line else "overwrite=True"
+    overwrite: str
+    key: Callable[[str], str]
 
 
-_API = _Voice("bake_file", command_line=False)
-_CLI = _Voice("maskparam bake", command_line=True)
+_API = _Voice("bake_file", overwrite="overwrite=True", key=lambda key: f"key={key!r}")
 
 
 def _bake_file(
@@ -234,14 +233,13 @@ def _bake_file(
         raise  # The file could not be read at all (permissions, say): its own message is best.
     except Exception as err:  # torch.load raises all sorts on a file it cannot parse.
         raise ValueError(_unreadable(source, err, caller)) from None
-    path = _key_path(loaded, key, str(source), voice)
-    state_dict = _entry(loaded, path)
+    state_dict, put_back = _nested(loaded, key, str(source), voice)
     holder = f"{str(source)!r}" if key is None else f"{str(source)!r} under {key!r}"
     baked, keys = _bake(state_dict, caller, holder=holder, voice=voice)
     # Not tempfile.mkstemp: its file is private (0600), and os.replace would keep that.
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     try:
-        torch.save(_replaced(loaded, path, baked), temporary)
+        torch.save(put_back(baked), temporary)
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -363,47 +361,43 @@ def _unreadable(source: Path, err: BaseException, caller: str) -> str:
     )
 
 
-def _key_path(loaded: object, key: str | None, source: str, voice: _Voice) -> list[str]:
-    """The entries to follow from the loaded file down to the ``state_dict``.
+def _nested(
+    loaded: Any, key: str | None, source: str, voice: _Voice
+) -> tuple[Any, Callable[[Any], Any]]:
+    """The entry of ``loaded`` that ``key`` names, and how to put another in its place.
 
-    ``key`` is one entry if the file has it, else a dotted path, one entry per level.
+    ``key`` is one entry if the file has it, else a dotted path, one entry per level; None
+    names the whole file. Putting a value back copies each level on the path, so
+    ``loaded`` itself never changes.
     """
-    if key is None:
-        return []
-    if isinstance(loaded, Mapping) and key in loaded:
-        return [key]
-    path = key.split(".")
-    level = loaded
+    path: list[str] = []
+    if key is not None:
+        path = [key] if isinstance(loaded, Mapping) and key in loaded else key.split(".")
+    entry = loaded
     for depth, part in enumerate(path):
-        if not isinstance(level, Mapping) or part not in level:
+        if not isinstance(entry, Mapping) or part not in entry:
             reached = ".".join(path[:depth])
             at = f"under {reached!r}" if depth else "at its top level"
             has = (
-                f"has the entries {sorted(map(str, level))}"
-                if isinstance(level, Mapping)
-                else f"holds a {type(level).__name__}, which has no entries"
+                f"has the entries {sorted(map(str, entry))}"
+                if isinstance(entry, Mapping)
+                else f"holds a {type(entry).__name__}, which has no entries"
             )
             raise ValueError(
-                f"{voice.caller} expects {voice.key(key)} to name an entry of {source!r}, "
-                f"dots for deeper levels. Got no entry {part!r}: {at}, the file {has}."
+                f"{voice.caller} expects {voice.key(str(key))} to name an entry of "
+                f"{source!r}, dots for deeper levels. Got no entry {part!r}: {at}, the file "
+                f"{has}."
             )
-        level = level[part]
-    return path
+        entry = entry[part]
 
+    def put(value: Any, level: Any = loaded, depth: int = 0) -> Any:
+        if depth == len(path):
+            return value
+        copy = type(level)(level) if isinstance(level, dict) else dict(level)
+        copy[path[depth]] = put(value, level[path[depth]], depth + 1)
+        return copy
 
-def _entry(loaded: Any, path: list[str]) -> Any:
-    for part in path:
-        loaded = loaded[part]
-    return loaded
-
-
-def _replaced(loaded: Any, path: list[str], value: Any) -> Any:
-    """``loaded`` with the entry at ``path`` replaced by ``value``; the input is unchanged."""
-    if not path:
-        return value
-    copy = type(loaded)(loaded) if isinstance(loaded, dict) else dict(loaded)
-    copy[path[0]] = _replaced(loaded[path[0]], path[1:], value)
-    return copy
+    return entry, put
 
 
 def _check_mask_entry(original: Tensor, mask: Tensor, where: str, caller: str) -> None:

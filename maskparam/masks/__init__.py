@@ -27,19 +27,9 @@ rule and the value it got.
 """
 
 from maskparam.masks.autoregressive import causal
+from maskparam.masks.grids import box, dilated, random
 from maskparam.masks.pruning import top_taps
-from maskparam.masks.shapes import (
-    ball,
-    blind_spot,
-    box,
-    checkerboard,
-    cross,
-    diamond,
-    dilated,
-    hexagonal,
-    line,
-    random,
-)
+from maskparam.masks.shapes import ball, blind_spot, checkerboard, cross, diamond, hexagonal, line
 from maskparam.masks.text import from_text, to_text
 
 __all__ = [
