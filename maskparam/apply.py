@@ -278,6 +278,7 @@ def _prepare(
     mask = _checks.as_bool_mask(mask, "apply_mask")
     where = f"{_checks.layer_name(module)}.{name}"
     _checks.check_mask_fits(mask, weight, where, "apply_mask")
+    check_options(bias_mode, execution, "apply_mask")
     bias_mask = _bias_mask_for(module, weight, name, mask, bias_mode)
     return weight, mask, bias_mask, taps.prepare(module, mask, name, execution, bias_mode)
 
@@ -299,6 +300,19 @@ def _check_removable(module: nn.Module, name: str, bake: bool) -> None:
             "the module masked (it saves, copies and compiles as it is), or call "
             "remove_mask(module, bake=False) to drop the mask and the bias mode and get the "
             "stored weights back (copy module.weight first to keep the masked values)."
+        )
+
+
+def check_options(bias_mode: object, execution: object, caller: str) -> None:
+    """Raise ``ValueError`` unless ``bias_mode`` and ``execution`` are values they can take."""
+    if bias_mode not in BIAS_MODES:
+        raise ValueError(
+            f"{caller} expects bias_mode to be one of {list(BIAS_MODES)}. Got {bias_mode!r}."
+        )
+    if execution not in taps.EXECUTIONS:
+        raise ValueError(
+            f"{caller} expects execution to be one of {list(taps.EXECUTIONS)}. "
+            f"Got {execution!r}."
         )
 
 
@@ -380,10 +394,6 @@ def _bias_mask_for(
     module: nn.Module, weight: Tensor, name: str, mask: Tensor, bias_mode: str
 ) -> BiasMask | None:
     """The bias parametrization ``bias_mode`` asks for, or None; raise if it cannot apply."""
-    if bias_mode not in BIAS_MODES:
-        raise ValueError(
-            f"apply_mask expects bias_mode to be one of {list(BIAS_MODES)}. Got {bias_mode!r}."
-        )
     if bias_mode == "keep":
         return None
     kind = _checks.layer_name(module)
