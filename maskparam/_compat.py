@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 __all__ = [
+    "EXTRA_STATE_KEY",
     "ConvNd",
     "can_add_conv_in_place",
     "conv_add_",
@@ -37,6 +38,15 @@ ConvNd = nn.modules.conv._ConvNd
 
 Private by name, but the one class that holds what every conv has (``transposed``,
 ``padding_mode``, ``_conv_forward``); torch exports no public alias for it.
+"""
+
+
+EXTRA_STATE_KEY = "_extra_state"
+"""The last part of the ``state_dict`` key under which torch saves a module's extra state.
+
+Why: :meth:`~torch.nn.Module.get_extra_state` is saved as ``<prefix>_extra_state``; torch
+names the suffix only in the private ``torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX``.
+Since torch 1.10 (checked on torch 2.13).
 """
 
 

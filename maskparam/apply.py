@@ -14,11 +14,11 @@ from torch.nn.utils import parametrize
 
 from maskparam import _checks, _compat, _forward, _module_class, _transaction, taps
 from maskparam.parametrizations import BiasMask, FixedMask, channel_activity
-from maskparam.partial import DATA_BIAS_MODES
+from maskparam.partial import DATA_BIAS_MODES, DataBiasMode
 
 __all__ = ["BiasMode", "apply_mask", "get_mask", "is_masked", "remove_mask", "set_mask"]
 
-BiasMode = Literal["keep", "zero", "channel", "valid", "partial"]
+BiasMode = Literal["keep", "zero", "channel", DataBiasMode]
 """What happens to the layer's bias, see :func:`apply_mask`."""
 
 BIAS_MODES: tuple[str, ...] = get_args(BiasMode)
@@ -311,8 +311,7 @@ def check_options(bias_mode: object, execution: object, caller: str) -> None:
         )
     if execution not in taps.EXECUTIONS:
         raise ValueError(
-            f"{caller} expects execution to be one of {list(taps.EXECUTIONS)}. "
-            f"Got {execution!r}."
+            f"{caller} expects execution to be one of {list(taps.EXECUTIONS)}. Got {execution!r}."
         )
 
 

@@ -54,7 +54,10 @@ tensors, so the default ``torch.load(path)`` reads it.
 # `<owner>parametrizations.<tensor>.original` (or original0, original1, ... for
 # parametrizations whose right_inverse returns several tensors); <owner> is "" or ends in ".".
 _ORIGINAL = re.compile(r"^(?P<owner>(?:.*\.)?)parametrizations\.(?P<tensor>[^.]+)\.original\d*$")
-_EXTRA_STATE = "_extra_state"
+# What a maskparam mask saves under ``parametrizations.<name>.``; the first is all a mask
+# saves now, the second is what files written by maskparam 0.1.x hold (may be dropped in 1.0).
+_MASK_KEYS = ["0.mask", "original"]
+_MASK_KEYS_0_1 = [f"0.{_compat.EXTRA_STATE_KEY}", "0.mask", "original"]
 
 
 def bake_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -271,7 +274,7 @@ def _bake(
             continue
         members = sorted(k[len(group) :] for k in state_dict if k.startswith(group))
         where = f"{group[:-1]!r} with keys {members}"
-        if members not in (["0.mask", "original"], ["0._extra_state", "0.mask", "original"]):
+        if members not in (_MASK_KEYS, _MASK_KEYS_0_1):
             raise ValueError(
                 f"{caller} bakes maskparam masks, which save exactly 'original' and '0.mask' "
                 "(and, from maskparam 0.1, '0._extra_state': the values the mask hid) under "
@@ -293,7 +296,8 @@ def _bake(
     mask_keys = {
         key.removesuffix("original") + member
         for key in plain_of
-        for member in ("0.mask", "0._extra_state")
+        for member in _MASK_KEYS_0_1
+        if member != "original"
     }
     baked: OrderedDict[str, Any] = OrderedDict()
     for key, value in state_dict.items():
@@ -327,7 +331,7 @@ def _check_state_dict(
     for key, value in state_dict.items():
         if not isinstance(key, str):
             raise TypeError(f"{rule} Got the key {key!r} of type {type(key).__name__}.")
-        if isinstance(value, Tensor) or key.rsplit(".", 1)[-1] == _EXTRA_STATE:
+        if isinstance(value, Tensor) or key.rsplit(".", 1)[-1] == _compat.EXTRA_STATE_KEY:
             continue
         hint = ""
         if isinstance(value, Mapping) and voice is not None:

@@ -32,6 +32,21 @@ def test_conv_nd_is_the_base_of_every_conv() -> None:
         assert hasattr(conv, attr), f"ConvNd: convs no longer have {attr!r}"
 
 
+class _WithExtraState(nn.Module):
+    def get_extra_state(self) -> int:
+        return 1
+
+    def set_extra_state(self, state: object) -> None:
+        pass
+
+
+def test_extra_state_key() -> None:
+    keys = list(nn.Sequential(_WithExtraState()).state_dict())
+    assert keys == [f"0.{_compat.EXTRA_STATE_KEY}"], (
+        f"EXTRA_STATE_KEY: torch now saves extra state under {keys}"
+    )
+
+
 def test_inject_property() -> None:
     assert callable(getattr(parametrize, "_inject_property", None)), (
         "inject_property: torch removed parametrize._inject_property"
