@@ -624,6 +624,7 @@ def test_bake_file_returns_the_baked_keys(masked_file: Path) -> None:
     assert bake_file(out, out, overwrite=True) == []
 
 
+@pytest.mark.slow  # three fresh processes, each importing torch
 def test_cli_entry_point(masked_file: Path) -> None:
     out = masked_file.with_name("plain.pt")
     command = [sys.executable, "-m", "maskparam", "bake", str(masked_file), str(out)]

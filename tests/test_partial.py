@@ -584,6 +584,7 @@ def test_remove_mask_without_baking_gives_a_plain_conv(mode: str) -> None:
     assert torch.equal(conv(x), F.conv2d(x, original, conv.bias, padding=1))
 
 
+@pytest.mark.slow  # inductor compiles C++
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile
 def test_compile_fullgraph() -> None:
     conv = masked(nn.Conv2d(2, 3, 3, padding=1), TYPE_A, "partial")

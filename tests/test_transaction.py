@@ -92,11 +92,12 @@ def _count_lines(call: Callable[[], object]) -> int:
             count += 1
         return tracer
 
+    previous = sys.gettrace()  # coverage's, under pytest --cov
     sys.settrace(tracer)
     try:
         call()
     finally:
-        sys.settrace(None)
+        sys.settrace(previous)
     return count
 
 
@@ -121,13 +122,14 @@ def _fail_at(n: int, error: type[BaseException], call: Callable[[], object]) -> 
                 raise error("injected")
         return tracer
 
+    previous = sys.gettrace()
     sys.settrace(tracer)
     try:
         call()
     except error:
         pass
     finally:
-        sys.settrace(None)
+        sys.settrace(previous)
     return fired
 
 
@@ -178,7 +180,8 @@ def _masked(**options: Any) -> Callable[[], nn.Module]:
     return setup
 
 
-OPTIONS = [{}, {"bias_mode": "channel"}, {"bias_mode": "valid"}, {"execution": "taps"}]
+TAPS = pytest.param({"execution": "taps"}, marks=pytest.mark.slow)  # many more lines to fail at
+OPTIONS = [{}, {"bias_mode": "channel"}, {"bias_mode": "valid"}, TAPS]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=str)
@@ -197,6 +200,7 @@ def test_remove_mask_is_all_or_nothing(options: dict[str, Any], bake: bool) -> N
     _every_step(_masked(**options), lambda m: remove_mask(m[0], bake=bake))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bake", [True, False])
 def test_remove_masks_is_all_or_nothing(bake: bool) -> None:
     _every_step(_masked(bias_mode="channel"), lambda m: remove_masks(m, bake=bake), stride=2)
@@ -259,6 +263,7 @@ def test_optimizer_state_saved_before_masking_loads_after_unmasking() -> None:
         )
 
 
+@pytest.mark.slow
 def test_sigint_in_the_middle_leaves_the_model_fully_masked_or_not_at_all() -> None:
     # A real SIGINT, sent by a thread at a random moment while the main thread masks and
     # unmasks a model in a loop. Each KeyboardInterrupt must find the model consistent.
