@@ -1,9 +1,11 @@
-"""Every use of torch internals in maskparam, each behind one small shim.
+"""Every use of torch internals in maskparam: small shims here, and the list of the rest.
 
 Torch gives no public way to do what these do. Each shim says why it exists and which torch
 it was written against; ``tests/test_compat.py`` checks each against the installed torch and
-fails, naming the shim, when torch changes what it relies on. Nothing else in maskparam
-touches ``torch._C``, a private module attribute, a private method or an error's text.
+fails, naming the shim, when torch changes what it relies on. Outside this module, maskparam
+uses only the private names in :data:`PRIVATE_USES`, each with its reason;
+``tests/test_private_names.py`` scans the package and fails on any other, and checks that
+torch still has every name listed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch.nn.utils import parametrize
 
 __all__ = [
     "EXTRA_STATE_KEY",
+    "PRIVATE_USES",
     "ConvNd",
     "can_add_conv_in_place",
     "conv_add_",
@@ -32,6 +35,45 @@ __all__ = [
     "unsupported_global",
     "view_base",
 ]
+
+PRIVATE_USES: dict[str, tuple[str, str]] = {
+    "_parameters": (
+        "torch.nn.Module",
+        "A module's own parameters by name, None entries included, in registration order: "
+        "a masked layer restores that order when it is unmasked, checks that a name is a "
+        "parameter rather than a buffer, and a transaction restores the dict as it was. "
+        "named_parameters() skips None and cannot assign.",
+    ),
+    "_buffers": (
+        "torch.nn.Module",
+        "A module's own buffers by name: apply_mask tells a buffer from a parameter, and a "
+        "transaction restores the dict exactly as it was.",
+    ),
+    "_modules": (
+        "torch.nn.Module",
+        "A module's own children by name: the optimizer hold and a transaction reach a "
+        "layer's ``parametrizations`` container without walking every submodule.",
+    ),
+    "_load_from_state_dict": (
+        "torch.nn.Module",
+        "A masked module fits a checkpoint's keys to its masks (plain or masked, either "
+        "shape) before its children load, and FixedMask drops the extra state of files "
+        "written by maskparam 0.1.x; load_state_dict pre-hooks cannot report errors the "
+        "way a strict load does.",
+    ),
+    "_apply": (
+        "torch.nn.Module",
+        "FixedMask keeps its mask's values through every conversion (``.to()``, "
+        "``to_empty``): _apply is the one method that all of them call.",
+    ),
+    "_conv_forward": (
+        "torch.nn.Conv2d",
+        "Masked convs with a bias mode or an execution replace the step after the weight is "
+        "read (see dense_conv_forward); Conv1d/2d/3d define it with this name.",
+    ),
+}
+"""The private torch names that maskparam uses outside this module: name -> (where torch
+defines it, why maskparam uses it). Checked on torch 2.13."""
 
 ConvNd = nn.modules.conv._ConvNd
 """The base class of Conv1d/2d/3d and ConvTranspose1d/2d/3d (since torch 1.0; checked on 2.13).

@@ -161,10 +161,9 @@ def _summarise(name: str, module: nn.Module) -> LayerSummary:
             # Weight is (out, in / groups, *kernel), or (in, out / groups, *kernel) transposed.
             active_taps = int(weight_mask.flatten(0, 1).any(dim=0).sum())
     active = total = 0
-    for tensor in module._parameters.values():
-        if tensor is not None:
-            active += tensor.numel()
-            total += tensor.numel()
+    for _, tensor in module.named_parameters(recurse=False, remove_duplicate=False):
+        active += tensor.numel()
+        total += tensor.numel()
     if parametrize.is_parametrized(module):
         chains: nn.ModuleDict = module.parametrizations  # type: ignore[assignment]
         for tensor_name, chain in chains.items():
