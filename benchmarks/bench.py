@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maskparam.apply import apply_mask
 from maskparam.model import apply_masks, remove_masks
+from maskparam.taps import build as tap_build
 from maskparam.taps import empty_cache, kernel_status
 from maskparam.taps import kernel as tap_kernel
 
@@ -336,7 +337,7 @@ def _probe_library() -> ctypes.CDLL | None:
     with tempfile.TemporaryDirectory() as tmp:
         src, lib_path = Path(tmp) / "probe.c", Path(tmp) / "probe.so"
         src.write_text(PROBE)
-        flags = [*tap_kernel.FLAGS, *tap_kernel.ISAS[isa][1], f"-DLANES={lanes}"]
+        flags = [*tap_build.FLAGS, *tap_build.ISAS[isa][1], f"-DLANES={lanes}"]
         subprocess.run([compiler, *flags, "-o", str(lib_path), str(src)], check=True)
         lib = ctypes.CDLL(str(lib_path))
     lib.fma_probe.argtypes = [ctypes.c_int64, ctypes.c_int]

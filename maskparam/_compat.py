@@ -23,6 +23,7 @@ __all__ = [
     "ConvNd",
     "can_add_conv_in_place",
     "conv_add_",
+    "convolution_backward",
     "dense_conv_forward",
     "forward_ad_level",
     "functorch_active",
@@ -218,6 +219,27 @@ def conv_add_(
         return
     conv = {3: torch.conv1d, 4: torch.conv2d, 5: torch.conv3d}[x.dim()]
     out.add_(conv(x, w, None, stride, padding, dilation, groups))
+
+
+def convolution_backward(
+    grad: Tensor, x: Tensor, w: Tensor, args: tuple[Any, ...], groups: int, needs: tuple[bool, ...]
+) -> tuple[Tensor | None, Tensor | None]:
+    """The input and weight gradients of ``conv(x, w, None, *args, groups)``, as ``needs`` says.
+
+    ``args`` are the stride, padding and dilation. No autograd graph is recorded.
+
+    Why: the fused box path needs a convolution's gradients without recording a graph, in
+    one call that the conv library runs as its own backward; torch exposes that only as the
+    ATen op ``torch.ops.aten.convolution_backward``, outside its documented API
+    (``torch.nn.grad.conv*d_input``/``_weight`` make two calls). Since torch 1.11 (checked
+    on torch 2.13).
+    """
+    stride, padding, dilation = args
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad, x, w, None, stride, padding, dilation, False, [0] * len(stride), groups,
+        [needs[0], needs[1], False],
+    )  # fmt: skip
+    return gx, gw
 
 
 def unsupported_global(error: BaseException) -> str | None:

@@ -76,7 +76,7 @@ def test_explain_names_the_path_and_the_rule(
     assert (explained.path, explained.rule) == (path, rule)
     assert str(explained).startswith(f"{path}: ")
     reason = next(r for r in RULES if r.name == rule).why
-    assert explained.reason == reason(choose.Call(layer, x, layer.weight, layer.bias, None))
+    assert explained.reason == reason(choose.Call(layer, x, layer.weight, layer.bias))
 
 
 def test_explain_agrees_with_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:

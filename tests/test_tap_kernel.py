@@ -19,6 +19,7 @@ from torch import nn
 
 from maskparam import _forward, taps
 from maskparam.apply import apply_mask
+from maskparam.taps import build
 from maskparam.taps import kernel as tap_kernel
 from tests.strategies import sparse_kernel_masks
 from tests.test_taps import (
@@ -52,9 +53,13 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
 
 
 @pytest.fixture
-def no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """As on a machine without a C compiler: the kernel is unavailable."""
-    monkeypatch.setattr(tap_kernel, "_state", {"lib": None, "why": "off for this test"})
+    monkeypatch.setenv("MASKPARAM_TAP_KERNEL", "0")
+    tap_kernel.clear()
+    yield
+    monkeypatch.undo()
+    tap_kernel.clear()
 
 
 @st.composite
@@ -165,7 +170,7 @@ def check_shaped_kernel(
 @pytest.fixture(scope="class")
 def avx2_kernel() -> Iterator[None]:
     """The kernel built for AVX2 (with FMA), for the tests of one class; then the usual one."""
-    if not {"avx2", "fma"} <= tap_kernel._cpu_flags():
+    if not {"avx2", "fma"} <= build.cpu_flags():
         pytest.skip("this CPU has no AVX2 with FMA")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MASKPARAM_TAP_ISA", "avx2")
@@ -296,7 +301,7 @@ def test_boxes_run_without_the_kernel(
     assert_same(run(dense, x), run(tapped, x), rtol=1e-4, atol=1e-4)
     assert box_calls == [3]
     assert kernel_calls == []
-    assert tap_kernel.status() == "off for this test"
+    assert tap_kernel.status() == "MASKPARAM_TAP_KERNEL=0 turns it off"
 
 
 @needs_kernel
@@ -456,8 +461,8 @@ def test_a_missing_compiler_is_a_reason_not_an_error(tmp_path: os.PathLike[str])
 def test_a_missing_source_is_a_reason_not_an_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]
 ) -> None:
-    monkeypatch.setattr(tap_kernel, "_state", {})
-    monkeypatch.setattr(tap_kernel, "SOURCE", Path(tmp_path) / "missing.c")
+    missing = build.Plugin(Path(tmp_path) / "missing.c", "tapconv", "tap", (), lambda lib: None)
+    monkeypatch.setattr(tap_kernel, "PLUGIN", missing)
     monkeypatch.setenv("MASKPARAM_CACHE_DIR", str(tmp_path))
     assert tap_kernel.library() is None
     assert not tap_kernel.status().startswith("ready")

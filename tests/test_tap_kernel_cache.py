@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from maskparam.apply import apply_mask
+from maskparam.taps import build
 from maskparam.taps import kernel as tap_kernel
 from tests.test_taps import cross3d
 
@@ -102,8 +103,8 @@ def test_exception_an_unknown_value_warns_once_and_is_ignored(
 
 
 def pretend_cpu(monkeypatch: pytest.MonkeyPatch, machine: str, flags: set[str]) -> None:
-    monkeypatch.setattr(tap_kernel.platform, "machine", lambda: machine)
-    monkeypatch.setattr(tap_kernel, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(build.platform, "machine", lambda: machine)
+    monkeypatch.setattr(build, "cpu_flags", lambda: flags)
 
 
 @needs_kernel
@@ -154,7 +155,7 @@ def test_the_best_isa_of_the_cpu(
     machine: str, flags: set[str], chosen: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pretend_cpu(monkeypatch, machine, flags)
-    assert tap_kernel._choose_isa() == chosen
+    assert tap_kernel.PLUGIN.choose_isa() == chosen
 
 
 @pytest.mark.parametrize(
@@ -187,11 +188,11 @@ def build_elsewhere(path: Path, *flags: str, source: str | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         src = Path(scratch) / "lib.c"
         if source is None:
-            shutil.copy(tap_kernel.SOURCE, src)
+            shutil.copy(tap_kernel.PLUGIN.source, src)
         else:
             src.write_text(source)
-        isa = tap_kernel._choose_isa()
-        command = ["cc", *tap_kernel.FLAGS, *tap_kernel.ISAS[isa][1], *flags, "-o"]
+        isa = tap_kernel.PLUGIN.choose_isa()
+        command = ["cc", *build.FLAGS, *build.ISAS[isa][1], *flags, "-o"]
         subprocess.run([*command, str(path), str(src)], check=True, timeout=120)
     os.chmod(path, 0o700)
 
@@ -243,8 +244,8 @@ def make_foreign(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         result = real_lstat(p, *args, **kwargs)  # type: ignore[arg-type]
         return foreign(result) if Path(str(p)) == path else result
 
-    monkeypatch.setattr(tap_kernel.os, "stat", fake_stat)
-    monkeypatch.setattr(tap_kernel.os, "lstat", fake_lstat)
+    monkeypatch.setattr(build.os, "stat", fake_stat)
+    monkeypatch.setattr(build.os, "lstat", fake_lstat)
 
 
 @needs_kernel
@@ -255,8 +256,8 @@ def test_a_library_of_another_user_is_not_loaded(
     cache.mkdir(mode=0o700)
     # A library that would be loaded, but for its owner: a constructor that leaves a mark.
     marker = cache.parent / "constructor-ran"
-    key = tap_kernel._plan()[3]
-    source = tap_kernel.SOURCE.read_text() + (
+    key = tap_kernel.PLUGIN.target().key
+    source = tap_kernel.PLUGIN.source.read_text() + (
         "\n#include <stdio.h>\n__attribute__((constructor)) static void mark(void) {\n"
         f'    FILE* f = fopen("{marker}", "w"); if (f) fclose(f);\n}}\n'
     )
@@ -334,7 +335,7 @@ def test_a_read_only_folder_is_not_written(cache: Path, monkeypatch: pytest.Monk
                 raise PermissionError(13, "Permission denied")
             return real(*args, dir=dir, **kwargs)  # type: ignore[call-overload,no-any-return]
 
-        monkeypatch.setattr(tap_kernel.tempfile, "mkstemp", refuse)
+        monkeypatch.setattr(build.tempfile, "mkstemp", refuse)
     status = tap_kernel.status()
     assert status == (
         f"ready ({NATIVE}; built in a private temporary folder, since {cache} cannot be "
@@ -350,7 +351,7 @@ def test_exception_no_folder_can_be_written(cache: Path, monkeypatch: pytest.Mon
     def refuse(*args: object, **kwargs: object) -> tuple[int, str]:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tap_kernel.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(build.tempfile, "mkstemp", refuse)
     assert tap_kernel.library() is None
     assert tap_kernel.status().endswith("cannot be written (Permission denied)")
     layer = apply_mask(nn.Conv3d(2, 4, 3, padding=1), cross3d(), execution="taps")

@@ -60,12 +60,14 @@ def covered(boxes: tuple[Box, ...]) -> list[tuple[int, ...]]:
 @contextlib.contextmanager
 def kernel_off() -> Iterator[None]:
     """Run as on a machine where the compiled kernel is unavailable: the boxes only."""
-    saved = tap_kernel._state
-    tap_kernel._state = {"lib": None, "why": "off for this test"}
-    try:
-        yield
-    finally:
-        tap_kernel._state = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MASKPARAM_TAP_KERNEL", "0")
+        tap_kernel.clear()
+        try:
+            yield
+        finally:
+            patch.undo()
+            tap_kernel.clear()
 
 
 def twins(layer: nn.Module, mask: torch.Tensor, execution: str) -> tuple[nn.Module, nn.Module]:
@@ -377,14 +379,16 @@ def test_3d_boxes_run_as_2d_convolutions_of_views() -> None:
     layer = nn.Conv3d(2, 3, 5, padding=2)
     apply_mask(layer, ball(2), execution="taps")
     boxes = layer.__dict__[_forward.EXECUTION_ATTR].boxes
-    layout = plan.box_plan(boxes, plan.geometry(layer, False), (6, 7, 8), (5, 5, 5), False)
-    assert [step.fold and step.fold.kind for step in layout.steps] == [
+    planned = plan.box_plan(
+        boxes, plan.Geometry.of(layer, lift=False), (6, 7, 8), (5, 5, 5), False
+    )
+    assert [step.fold and step.fold.kind for step in planned.steps] == [
         None,
         "plane",
         "depth",
         "depth",
     ]
-    assert layout.steps[1].fold.dilation == (4, 1)
+    assert planned.steps[1].fold.dilation == (4, 1)
 
 
 def test_gradcheck_and_gradgradcheck_3d_folds() -> None:

@@ -47,13 +47,13 @@ from maskparam.taps.execution import (
     Explanation,
     TapExecution,
     _replan_after_load,
-    empty_cache,
     explain,
-    kernel_status,
     prepare,
     unwatch,
     watch,
 )
+from maskparam.taps.kernel import kernel_status
+from maskparam.taps.memory import empty_cache
 from maskparam.taps.paths import run_boxes
 
 __all__ = [

@@ -13,10 +13,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskparam import _compat
@@ -25,8 +25,8 @@ from maskparam.taps.boxes import Box
 from maskparam.taps.choose import box_path
 from maskparam.taps.fused import FusedBoxes
 from maskparam.taps.memory import is_channels_last, relayout
-from maskparam.taps.plan import active_taps, box_plan, geometry, lift
-from maskparam.taps.reference import run_reference
+from maskparam.taps.plan import active_taps, box_call
+from maskparam.taps.reference import double_backward, reference_conv
 
 __all__ = ["BOX_PATHS", "PATHS", "dense", "run", "run_boxes"]
 
@@ -110,33 +110,23 @@ def run_boxes(
     """
     if path is None:
         path = box_path(module, input, weight, bias, boxes)
-    unbatched = input.dim() == len(module.kernel_size) + 1
-    one_d = len(module.kernel_size) == 1
-    x, w = lift(input, weight)
-    if module.padding_mode != "zeros":
-        pad = _compat.reversed_padding(module)
-        x = F.pad(x, [*pad, 0, 0] if one_d else pad, mode=module.padding_mode)
-    # The layout the dense convolution gives: it sees the input after a padding mode's pad.
-    out_cl = not one_d and (is_channels_last(x) or is_channels_last(weight))
-    # Under torch.compile the plain functions: tracing needs no cache, and warns about one.
-    compiling = torch.compiler.is_compiling()
-    plan_of = box_plan.__wrapped__ if compiling else box_plan
-    geo = geometry(module, one_d)
-    plan = plan_of(boxes, geo, tuple(x.shape[2:]), tuple(w.shape[2:]), one_d)
+    call = box_call(module, input, weight, boxes)
+    x, w, plan, out_cl = call.x, call.w, call.plan, call.out_cl
     if path in ("kernel", "kernel_op"):
-        taps = (active_taps.__wrapped__ if compiling else active_taps)(boxes, one_d)
-        table = tap_kernel.tap_table.__wrapped__ if compiling else tap_kernel.tap_table
-        offsets, index = table(taps, tuple(w.shape[2:]), geo.dilation, geo.pad_left)
+        geo = plan.geometry
+        taps = active_taps(boxes, call.one_d)
+        offsets, index = tap_kernel.tap_table(taps, tuple(w.shape[2:]), geo.dilation, geo.pad_left)
         if path == "kernel_op":  # a custom op that torch.compile traces as one node
             y = tap_kernel.compiled_conv(x, w, bias, offsets, index, plan.out_size)
         else:
+            grads_graph = functools.partial(double_backward, plan, out_cl)
             y = tap_kernel.TapKernel.apply(  # type: ignore[no-untyped-call]
-                x, w, bias, offsets, index, plan.out_size, (plan, out_cl, run_reference)
+                x, w, bias, offsets, index, plan.out_size, grads_graph
             )
     elif path == "fused":
-        y = FusedBoxes.apply(x, w, bias, plan, out_cl, run_reference)  # type: ignore[no-untyped-call]
+        y = FusedBoxes.apply(x, w, bias, plan, out_cl)  # type: ignore[no-untyped-call]
     else:
-        y = run_reference(x, w, bias, plan, out_cl)
-    if one_d:
+        y = reference_conv(x, w, bias, plan, out_cl)
+    if call.one_d:
         y = y.squeeze(2)
-    return y.squeeze(0) if unbatched else y
+    return y.squeeze(0) if call.unbatched else y
