@@ -11,13 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from maskparam import model as model_module
+from maskparam import summary
 from maskparam.apply import apply_mask
-from maskparam import model, summary
 from maskparam.model import apply_masks
 from maskparam.summary import LayerSummary, MaskSummary, mask_summary
-from tests.model_helpers import (
-    PLUS,
-)
+from tests.model_helpers import PLUS
 from tests.strategies import ConvCase, conv_cases, masks_for
 
 # -- mask_summary ------------------------------------------------------------------------------
@@ -141,5 +140,5 @@ def _kernel_positions(kernel: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
 
 
 def test_mask_summary_is_importable_from_maskparam_model_too() -> None:
-    assert model.mask_summary is summary.mask_summary
-    assert (model.LayerSummary, model.MaskSummary) == (LayerSummary, MaskSummary)
+    assert model_module.mask_summary is summary.mask_summary
+    assert (model_module.LayerSummary, model_module.MaskSummary) == (LayerSummary, MaskSummary)
