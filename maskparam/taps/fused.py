@@ -2,7 +2,7 @@
 
 Against the reference path (:mod:`maskparam.taps.reference`): every box after the first
 adds its convolution into the sum as oneDNN writes it, the input and the gradient change
-plan once each, and the backward adds the boxes' input gradients straight into one sum.
+layout once each, and the backward adds the boxes' input gradients straight into one sum.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ class FusedBoxes(torch.autograd.Function):
 
     Against running the boxes as ordinary torch operations: every box after the first
     adds its convolution into the sum as the conv library writes it (no separate pass to
-    sum the boxes); the input and the gradient change plan once each; the backward adds
+    sum the boxes); the input and the gradient change layout once each; the backward adds
     the boxes' input gradients, transposed convolutions, straight into one sum, and runs
     each box's weight gradient on the view the conv library is fastest on (or, for a box
-    one tap high and wide, as matrix products). Temporaries that change plan afterwards
+    one tap high and wide, as matrix products). Temporaries that change layout afterwards
     live in ``SCRATCH``. A double backward differentiates the reference path
     (:func:`~maskparam.taps.reference.double_backward`) instead.
 
@@ -112,7 +112,7 @@ class FusedBoxes(torch.autograd.Function):
         x_cl = x if saved_cl is None else saved_cl
         g, own_g = to_channels_last_scratch(grad)
         grad_w = torch.zeros_like(w) if need_w else None
-        # The input gradient, channels-last: a scratch buffer when it changes plan after.
+        # The input gradient, channels-last: a scratch buffer when it changes layout after.
         grad_x: Tensor | None = None
         own_gx = need_x and not is_channels_last(x) and _compat.can_add_conv_in_place(x)
         if own_gx:
@@ -141,8 +141,10 @@ class FusedBoxes(torch.autograd.Function):
                     (conv_x, conv_w),
                 )
                 if conv_w:
+                    assert gw is not None
                     grad_w[step.weight_index] = _unfold_weight(by_weight, gw)  # type: ignore[index]
                 if conv_x:
+                    assert gx is not None
                     if grad_x is None:
                         grad_x = torch.zeros_like(x_cl)
                     gx = _unfold(by_weight, gx, tuple(window.shape))

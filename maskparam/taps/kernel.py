@@ -5,7 +5,7 @@ its active taps only, in the layout torch gives by default, summing all the taps
 position in one pass; :mod:`maskparam.taps.build` compiles and caches it (:data:`PLUGIN`).
 This module states when the kernel takes a call (:func:`takes`), calls it
 (:func:`conv`, :func:`conv_backward`), and makes it differentiable: :class:`TapKernel` in
-eager mode, the custom op ``maskparam::tap_conv`` (:func:`compiled_conv`) under
+eager mode, the custom op ``maskparam::tap_conv`` (:data:`tap_conv`) under
 :func:`torch.compile`. Without a compiler or a supported CPU, :func:`library` is None
 (:func:`status` says why) and the boxes run instead.
 """
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from maskparam import _compat
 from maskparam.taps.build import Plugin
+from maskparam.taps.plan import eager_cached
 
 __all__ = [
     "CONDITIONS",
@@ -33,7 +34,6 @@ __all__ = [
     "TapKernel",
     "cache_path",
     "clear",
-    "compiled_conv",
     "conv",
     "conv_backward",
     "isa",
@@ -43,6 +43,7 @@ __all__ = [
     "sizes",
     "status",
     "takes",
+    "tap_conv",
     "tap_table",
     "weight_grad_variant",
 ]
@@ -231,12 +232,20 @@ def sizes() -> dict[str, int]:
     }
 
 
-def _tap_table(
+@eager_cached(maxsize=256)
+def tap_table(
     taps: tuple[tuple[int, ...], ...],
     kernel: tuple[int, ...],
     dilation: tuple[int, ...],
     pad_left: tuple[int, ...],
 ) -> tuple[Tensor, Tensor]:
+    """Offsets and kernel indices of the active kernel positions ``taps`` (2-D or 3-D).
+
+    Returns:
+        An int64 (T, 3) tensor: per tap, the offset from an output position to the input
+        position it reads, as (plane, row, column); and an int64 (T,) tensor: the tap's
+        index in the flattened kernel of shape ``kernel``.
+    """
     offsets, index = [], []
     for tap in taps:
         off = [k * d - p for k, d, p in zip(tap, dilation, pad_left, strict=True)]
@@ -246,28 +255,6 @@ def _tap_table(
             flat = flat * size + k
         index.append(flat)
     return torch.tensor(offsets, dtype=torch.int64), torch.tensor(index, dtype=torch.int64)
-
-
-_tap_table_cached = functools.lru_cache(maxsize=256)(_tap_table)
-
-
-def tap_table(
-    taps: tuple[tuple[int, ...], ...],
-    kernel: tuple[int, ...],
-    dilation: tuple[int, ...],
-    pad_left: tuple[int, ...],
-) -> tuple[Tensor, Tensor]:
-    """Offsets and kernel indices of the active kernel positions ``taps`` (2-D or 3-D).
-
-    Cached in eager mode; under :func:`torch.compile`, computed as it traces.
-
-    Returns:
-        An int64 (T, 3) tensor: per tap, the offset from an output position to the input
-        position it reads, as (plane, row, column); and an int64 (T,) tensor: the tap's
-        index in the flattened kernel of shape ``kernel``.
-    """
-    table = _tap_table if torch.compiler.is_compiling() else _tap_table_cached
-    return table(taps, kernel, dilation, pad_left)
 
 
 # -- the calls --------------------------------------------------------------------------------
@@ -385,7 +372,7 @@ class TapKernel(torch.autograd.Function):
     the bias or None, the offsets and kernel indices from :func:`tap_table`, the output's
     spatial size, and ``double_backward(needs, grad, x, w, bias)``: the gradients as a graph
     to differentiate again (the boxes as ordinary torch operations). Under
-    :func:`torch.compile`, :func:`compiled_conv` runs the same kernel as a custom op.
+    :func:`torch.compile`, :data:`tap_conv` runs the same kernel as a custom op.
     """
 
     # The ctx-first form: a separate setup_context makes every call bind its signature.
@@ -423,12 +410,15 @@ _CONV_SCHEMA = (
 )
 _BACKWARD_SCHEMA = "(Tensor grad, Tensor x, Tensor w, Tensor offsets, Tensor index, bool[] needs)"
 
-_tap_conv_op = torch.library.custom_op(
+tap_conv = torch.library.custom_op(
     "maskparam::tap_conv", conv, mutates_args=(), schema=f"{_CONV_SCHEMA} -> Tensor"
 )
+"""The kernel as one custom op, ``maskparam::tap_conv``, that torch.compile traces as one
+node: ``tap_conv(x, w, bias, offsets, index, list(out_size))``, as :func:`conv`.
+Differentiable once (torch.compile supports no double backward anyway)."""
 
 
-@_tap_conv_op.register_fake
+@tap_conv.register_fake
 def _(x: Tensor, w: Tensor, *args: Any) -> Tensor:
     out_size = args[-1]
     return x.new_empty((x.shape[0], w.shape[0], *out_size))
@@ -473,20 +463,4 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None)
 
 
-_tap_conv_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def compiled_conv(
-    x: Tensor,
-    w: Tensor,
-    bias: Tensor | None,
-    offsets: Tensor,
-    index: Tensor,
-    out_size: Sequence[int],
-) -> Tensor:
-    """The kernel as one custom op, ``maskparam::tap_conv``, that torch.compile can trace.
-
-    Differentiable once (torch.compile supports no double backward anyway).
-    """
-    out: Tensor = _tap_conv_op(x, w, bias, offsets, index, list(out_size))
-    return out
+tap_conv.register_autograd(_backward, setup_context=_setup_context)

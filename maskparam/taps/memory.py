@@ -130,6 +130,11 @@ class Scratch:
             self._free.sort(key=Tensor.numel)
             del self._free[: max(0, len(self._free) - self.keep)]
 
+    def __len__(self) -> int:
+        """The number of buffers kept."""
+        with self._lock:
+            return len(self._free)
+
     def clear(self) -> None:
         """Drop every buffer kept."""
         with self._lock:

@@ -112,12 +112,13 @@ def run_boxes(
         path = box_path(module, input, weight, bias, boxes)
     call = box_call(module, input, weight, boxes)
     x, w, plan, out_cl = call.x, call.w, call.plan, call.out_cl
+    y: Tensor
     if path in ("kernel", "kernel_op"):
         geo = plan.geometry
         taps = active_taps(boxes, call.one_d)
         offsets, index = tap_kernel.tap_table(taps, tuple(w.shape[2:]), geo.dilation, geo.pad_left)
         if path == "kernel_op":  # a custom op that torch.compile traces as one node
-            y = tap_kernel.compiled_conv(x, w, bias, offsets, index, plan.out_size)
+            y = tap_kernel.tap_conv(x, w, bias, offsets, index, list(plan.out_size))
         else:
             grads_graph = functools.partial(double_backward, plan, out_cl)
             y = tap_kernel.TapKernel.apply(  # type: ignore[no-untyped-call]

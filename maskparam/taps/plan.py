@@ -10,8 +10,8 @@ lifted to 2-D with a height of one, since 1-D has no channels-last layout. Its
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ __all__ = [
     "box_call",
     "box_plan",
     "count",
+    "eager_cached",
     "input_window",
     "lift",
     "output_size",
@@ -186,27 +187,43 @@ def output_size(
     )
 
 
-def _active_taps(boxes: tuple[Box, ...], lift: bool) -> tuple[tuple[int, ...], ...]:
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
+
+def eager_cached(maxsize: int) -> Callable[[Fn], Fn]:
+    """Cache a function of hashable arguments in eager mode, as :func:`functools.lru_cache`.
+
+    Under :func:`torch.compile` it runs uncached: tracing needs no cache, and warns about one.
+    """
+
+    def decorate(fn: Fn) -> Fn:
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def pick(*args: Any) -> Any:
+            return (fn if torch.compiler.is_compiling() else cached)(*args)
+
+        return cast(Fn, pick)
+
+    return decorate
+
+
+@eager_cached(maxsize=256)
+def active_taps(boxes: tuple[Box, ...], lift: bool) -> tuple[tuple[int, ...], ...]:
+    """Every tap of ``boxes``, in order (``lift``: 1-D lifted to 2-D)."""
     taps = sorted(tap for box in boxes for tap in box.taps())
     return tuple((0, *tap) if lift else tuple(tap) for tap in taps)
 
 
-_active_taps_cached = functools.lru_cache(maxsize=256)(_active_taps)
-
-
-def active_taps(boxes: tuple[Box, ...], lift: bool) -> tuple[tuple[int, ...], ...]:
-    """Every tap of ``boxes``, in order (``lift``: 1-D lifted to 2-D)."""
-    taps = _active_taps if torch.compiler.is_compiling() else _active_taps_cached
-    return taps(boxes, lift)
-
-
-def _box_plan(
+@eager_cached(maxsize=1024)
+def box_plan(
     boxes: tuple[Box, ...],
     geo: Geometry,
     in_size: tuple[int, ...],
     kernel: tuple[int, ...],
     lift: bool,
 ) -> BoxPlan:
+    """Where each box reads and how it pads, for one input size (``lift``: 1-D as 2-D)."""
     if lift:
         boxes = tuple(Box((0, *b.start), (1, *b.count), (1, *b.step)) for b in boxes)
     out_size = output_size(geo, in_size, kernel)
@@ -238,25 +255,6 @@ def _box_plan(
         pairs = zip(reversed(geo.pad_left), reversed(geo.pad_right), strict=True)
         pad = tuple(p for pair in pairs for p in pair)
     return BoxPlan(tuple(steps), pad, geo, out_size)
-
-
-_box_plan_cached = functools.lru_cache(maxsize=1024)(_box_plan)
-
-
-def box_plan(
-    boxes: tuple[Box, ...],
-    geo: Geometry,
-    in_size: tuple[int, ...],
-    kernel: tuple[int, ...],
-    lift: bool,
-) -> BoxPlan:
-    """Where each box reads and how it pads, for one input size (``lift``: 1-D as 2-D).
-
-    Cached in eager mode; under :func:`torch.compile`, computed as it traces (tracing
-    needs no cache, and warns about one).
-    """
-    plan = _box_plan if torch.compiler.is_compiling() else _box_plan_cached
-    return plan(boxes, geo, in_size, kernel, lift)
 
 
 class BoxCall(NamedTuple):

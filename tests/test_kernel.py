@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import subprocess
-import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,7 +20,8 @@ from maskparam.apply import apply_mask
 from maskparam.taps import build
 from maskparam.taps import kernel as tap_kernel
 from tests.strategies import sparse_kernel_masks
-from tests.test_taps import (
+from tests.tap_helpers import (
+    PLUS,
     assert_same,
     ball,
     causal_type_a,
@@ -407,104 +406,6 @@ def test_tap_table_offsets_and_indices() -> None:
     assert index.tolist() == [0, 2, 4]
 
 
-# -- building it ------------------------------------------------------------------------------
-
-
-def _status_in_subprocess(env: dict[str, str]) -> str:
-    code = "from maskparam.taps import kernel; print(kernel.status())"
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    return done.stdout.strip()
-
-
-def test_switched_off_by_the_environment() -> None:
-    assert _status_in_subprocess({"MASKPARAM_TAP_KERNEL": "Off"}) == (
-        "MASKPARAM_TAP_KERNEL=Off turns it off"
-    )
-
-
-@needs_kernel
-def test_compiles_into_the_cache_folder(tmp_path: os.PathLike[str]) -> None:
-    ready = f"ready ({tap_kernel.isa()})"
-    assert _status_in_subprocess({"MASKPARAM_CACHE_DIR": str(tmp_path)}) == ready
-    built = list(os.scandir(tmp_path))
-    assert [entry.name.startswith(f"tapconv-{tap_kernel.isa()}-") for entry in built] == [True]
-    # Built once: a second process loads it as it is.
-    mtime = built[0].stat().st_mtime_ns
-    assert _status_in_subprocess({"MASKPARAM_CACHE_DIR": str(tmp_path)}) == ready
-    assert os.stat(built[0].path).st_mtime_ns == mtime
-
-
-@needs_kernel
-def test_a_failing_compiler_is_a_reason_not_an_error(tmp_path: os.PathLike[str]) -> None:
-    why = _status_in_subprocess({"MASKPARAM_CACHE_DIR": str(tmp_path), "CC": "false"})
-    assert why.startswith("false failed to compile it")
-    assert list(os.scandir(tmp_path)) == []  # no half-written library left behind
-
-
-def test_a_missing_compiler_is_a_reason_not_an_error(tmp_path: os.PathLike[str]) -> None:
-    why = _status_in_subprocess(
-        {"MASKPARAM_CACHE_DIR": str(tmp_path), "CC": "no-such-compiler-here"}
-    )
-    assert why in (
-        "no C compiler found (set CC to one)",
-        "it needs a CPU with AVX-512 or AVX2 and FMA",
-    ) or why.startswith("it needs an x86-64 or ARM64 CPU")
-
-
-def test_a_missing_source_is_a_reason_not_an_error(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]
-) -> None:
-    missing = build.Plugin(Path(tmp_path) / "missing.c", "tapconv", "tap", (), lambda lib: None)
-    monkeypatch.setattr(tap_kernel, "PLUGIN", missing)
-    monkeypatch.setenv("MASKPARAM_CACHE_DIR", str(tmp_path))
-    assert tap_kernel.library() is None
-    assert not tap_kernel.status().startswith("ready")
-    layer = apply_mask(nn.Conv3d(2, 4, 3, padding=1), cross3d(), execution="taps")
-    assert layer(torch.randn(1, 2, 4, 4, 4)).shape == (1, 4, 4, 4, 4)
-
-
-def test_masked_layer_works_where_the_kernel_cannot_be_built(tmp_path: os.PathLike[str]) -> None:
-    code = (
-        "import torch, warnings; from torch import nn; from maskparam import apply_mask\n"
-        "from maskparam.taps import kernel as tap_kernel\n"
-        "import copy\n"
-        "conv = nn.Conv3d(2, 3, 3, padding=1); dense = copy.deepcopy(conv)\n"
-        "m = torch.zeros(3, 3, 3, dtype=torch.bool); m[1, 1, :] = m[1, :, 1] = m[:, 1, 1] = True\n"
-        "apply_mask(dense, m)\n"
-        "with warnings.catch_warnings():\n"
-        "    warnings.simplefilter('error'); apply_mask(conv, m, execution='taps')\n"
-        "    x = torch.randn(1, 2, 4, 4, 4); torch.testing.assert_close(conv(x), dense(x))\n"
-        "print(tap_kernel.status())\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "MASKPARAM_CACHE_DIR": str(tmp_path), "CC": "false"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert not done.stdout.strip().startswith("ready")
-
-
-def test_a_plan_pickled_before_the_kernel_loads() -> None:
-    plan = taps.TapExecution("taps", torch.rand(7, 7, 7, generator=torch.Generator()) < 0.3)
-    state = plan.__getstate__()
-    del state["tap_boxes"]  # as maskparam 0.1.0 pickled it
-    old = taps.TapExecution.__new__(taps.TapExecution)
-    old.__setstate__(state)
-    assert old.tap_boxes == plan.tap_boxes
-    assert old.boxes == plan.boxes
-
-
 def test_deepcopy_of_a_layer_run_by_the_kernel() -> None:
     layer = nn.Conv3d(2, 16, 3, padding=1)
     apply_mask(layer, cross3d(), execution="taps")
@@ -585,3 +486,89 @@ def test_custom_ops_pass_opcheck() -> None:
         torch.ops.maskparam.tap_conv_backward,
         (grad, x.detach(), w.detach(), offsets, index, [True, True, True]),
     )
+
+
+# -- when it takes a call: the README's table against kernel.takes ----------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+ISA_OF_CPU = {"x86-64 with AVX-512": "avx512", "x86-64 with AVX2 and FMA": "avx2", "ARM64": "neon"}
+Variant = Callable[[dict[str, Any]], None]
+# What each cell of the table means, as changes to a call the kernel takes.
+CELLS: dict[str, list[Variant]] = {
+    "any": [],
+    "float32": [],
+    "contiguous": [],
+    "1, 1, planes as large as the input's": [],
+    "float64, or under autocast": [
+        lambda call: call.update(dtype=torch.float64),
+        lambda call: call.update(autocast=True),
+    ],
+    "channels-last": [lambda call: call.update(channels_last=True)],
+    "stride > 1, groups > 1, smaller planes, non-zero padding mode": [
+        lambda call: call.update(stride=2),
+        lambda call: call.update(groups=2),
+        lambda call: call.update(padding=0),
+        lambda call: call.update(padding_mode="reflect"),
+    ],
+}
+# The conditions of kernel.CONDITIONS that each cell of a row where the kernel runs states.
+STATES = {
+    "float32": ["float32"],
+    "contiguous": ["contiguous input"],
+    "1, 1, planes as large as the input's": [
+        "stride 1",
+        "one group",
+        "output planes the size of the input's",
+    ],
+}
+
+
+def readme_table() -> list[list[str]]:
+    text = README.read_text().split("### Faster masked convolutions", 1)[1]
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]  # no header
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def explained_path(device: str, changes: dict[str, Any]) -> str:
+    call = {"dtype": torch.float32, "stride": 1, "groups": 1, "padding": 1} | changes
+    conv = nn.Conv2d(
+        4, 8, 3, stride=call["stride"], padding=call["padding"], groups=call["groups"],
+        padding_mode=call.get("padding_mode", "zeros"),
+    )  # fmt: skip
+    layer = apply_mask(conv.to(device, call["dtype"]), PLUS, execution="taps")
+    x = torch.randn(2, 4, 6, 6, device=device, dtype=call["dtype"])
+    if call.get("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bool(call.get("autocast")))
+    with autocast:
+        return taps.explain(layer, x).path
+
+
+def test_readme_table_matches_when_the_kernel_takes_a_call() -> None:
+    table = readme_table()
+    assert len(table) >= 5
+    conditions = tap_kernel.CONDITIONS.split(", ")
+    for cpu, dtype, layout, options, runs in table:
+        device = "cuda" if cpu == "CUDA" else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            continue
+        cells = (dtype, layout, options)
+        assert all(cell in CELLS for cell in cells), (
+            f"README cells this test does not know: {cells}"
+        )
+        if runs.startswith("C kernel"):
+            isa = ISA_OF_CPU[cpu]
+            assert isa in build.ISAS
+            assert f"`{isa}`" in runs
+            assert all(c in conditions for cell in cells for c in STATES[cell])
+            if tap_kernel.isa() == isa:
+                assert f"({tap_kernel.sizes()['lanes']} lanes" in runs
+                assert explained_path(device, {}) == "kernel"
+            continue
+        assert runs == "boxes"
+        variants = [v for cell in cells for v in CELLS[cell]]
+        assert variants, f"a row of boxes that says no condition the kernel lacks: {cells}"
+        for variant in variants:
+            changes: dict[str, Any] = {}
+            variant(changes)
+            assert explained_path(device, changes) in ("fused", "reference"), (cpu, cells, changes)

@@ -19,7 +19,7 @@ from torch import nn
 from maskparam.apply import apply_mask
 from maskparam.taps import build
 from maskparam.taps import kernel as tap_kernel
-from tests.test_taps import cross3d
+from tests.tap_helpers import cross3d
 
 NATIVE = tap_kernel.isa()
 needs_kernel = pytest.mark.skipif(
@@ -392,3 +392,91 @@ def test_four_processes_building_at_once(cache: Path) -> None:
     assert results == [(f"ready ({NATIVE})", True)] * 4
     assert only_the_library(cache) == [tap_kernel.cache_path().name]
     assert status_in_a_new_process() == f"ready ({NATIVE})"  # loads it as it is: whole
+
+
+# -- building it ------------------------------------------------------------------------------
+
+
+def _status_in_subprocess(env: dict[str, str]) -> str:
+    code = "from maskparam.taps import kernel; print(kernel.status())"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return done.stdout.strip()
+
+
+def test_switched_off_by_the_environment() -> None:
+    assert _status_in_subprocess({"MASKPARAM_TAP_KERNEL": "Off"}) == (
+        "MASKPARAM_TAP_KERNEL=Off turns it off"
+    )
+
+
+@needs_kernel
+def test_compiles_into_the_cache_folder(tmp_path: os.PathLike[str]) -> None:
+    ready = f"ready ({tap_kernel.isa()})"
+    assert _status_in_subprocess({"MASKPARAM_CACHE_DIR": str(tmp_path)}) == ready
+    built = list(os.scandir(tmp_path))
+    assert [entry.name.startswith(f"tapconv-{tap_kernel.isa()}-") for entry in built] == [True]
+    # Built once: a second process loads it as it is.
+    mtime = built[0].stat().st_mtime_ns
+    assert _status_in_subprocess({"MASKPARAM_CACHE_DIR": str(tmp_path)}) == ready
+    assert os.stat(built[0].path).st_mtime_ns == mtime
+
+
+@needs_kernel
+def test_a_failing_compiler_is_a_reason_not_an_error(tmp_path: os.PathLike[str]) -> None:
+    why = _status_in_subprocess({"MASKPARAM_CACHE_DIR": str(tmp_path), "CC": "false"})
+    assert why.startswith("false failed to compile it")
+    assert list(os.scandir(tmp_path)) == []  # no half-written library left behind
+
+
+def test_a_missing_compiler_is_a_reason_not_an_error(tmp_path: os.PathLike[str]) -> None:
+    why = _status_in_subprocess(
+        {"MASKPARAM_CACHE_DIR": str(tmp_path), "CC": "no-such-compiler-here"}
+    )
+    assert why in (
+        "no C compiler found (set CC to one)",
+        "it needs a CPU with AVX-512 or AVX2 and FMA",
+    ) or why.startswith("it needs an x86-64 or ARM64 CPU")
+
+
+def test_a_missing_source_is_a_reason_not_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]
+) -> None:
+    missing = build.Plugin(Path(tmp_path) / "missing.c", "tapconv", "tap", (), lambda lib: None)
+    monkeypatch.setattr(tap_kernel, "PLUGIN", missing)
+    monkeypatch.setenv("MASKPARAM_CACHE_DIR", str(tmp_path))
+    assert tap_kernel.library() is None
+    assert not tap_kernel.status().startswith("ready")
+    layer = apply_mask(nn.Conv3d(2, 4, 3, padding=1), cross3d(), execution="taps")
+    assert layer(torch.randn(1, 2, 4, 4, 4)).shape == (1, 4, 4, 4, 4)
+
+
+def test_masked_layer_works_where_the_kernel_cannot_be_built(tmp_path: os.PathLike[str]) -> None:
+    code = (
+        "import torch, warnings; from torch import nn; from maskparam import apply_mask\n"
+        "from maskparam.taps import kernel as tap_kernel\n"
+        "import copy\n"
+        "conv = nn.Conv3d(2, 3, 3, padding=1); dense = copy.deepcopy(conv)\n"
+        "m = torch.zeros(3, 3, 3, dtype=torch.bool); m[1, 1, :] = m[1, :, 1] = m[:, 1, 1] = True\n"
+        "apply_mask(dense, m)\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('error'); apply_mask(conv, m, execution='taps')\n"
+        "    x = torch.randn(1, 2, 4, 4, 4); torch.testing.assert_close(conv(x), dense(x))\n"
+        "print(tap_kernel.status())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "MASKPARAM_CACHE_DIR": str(tmp_path), "CC": "false"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert not done.stdout.strip().startswith("ready")
