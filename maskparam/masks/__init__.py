@@ -16,9 +16,9 @@ The named shapes share their conventions:
 
 Errors: every factory checks all of its arguments before it builds anything, and raises
 
-- :class:`TypeError` if an argument has the wrong type (bools are neither ints nor
+- ``TypeError`` if an argument has the wrong type (bools are neither ints nor
   numbers; NumPy's integers and floats are accepted);
-- :class:`ValueError` if ``kernel_size`` is an int and ``ndim`` is missing, if a size is
+- ``ValueError`` if ``kernel_size`` is an int and ``ndim`` is missing, if a size is
   below 1 (or even, where the shape needs a centre), if ``ndim`` disagrees with
   ``kernel_size``, or if a radius is negative or not finite.
 
