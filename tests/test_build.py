@@ -202,8 +202,9 @@ def build_elsewhere(path: Path, *flags: str, source: str | None = None) -> None:
     ("planted", "why"),
     [
         ("garbage", "does not load"),
-        ("no symbols", "lacks the symbol tap_build_key"),
-        ("another key", "answers build key 0x2a, not"),
+        # These two compile a library to plant before the real one: the slow tier.
+        pytest.param("no symbols", "lacks the symbol tap_build_key", marks=pytest.mark.slow),
+        pytest.param("another key", "answers build key 0x2a, not", marks=pytest.mark.slow),
     ],
 )
 def test_a_bad_library_at_the_cached_path_is_rebuilt(planted: str, why: str, cache: Path) -> None:
@@ -384,6 +385,7 @@ def build_in_a_new_process(folder: str) -> tuple[str, bool]:
     return tap_kernel.status(), a_kernel_layer_matches_dense()
 
 
+@pytest.mark.slow  # four fresh processes, each importing torch and building
 @needs_kernel
 def test_four_processes_building_at_once(cache: Path) -> None:
     spawn = multiprocessing.get_context("spawn")
@@ -416,6 +418,7 @@ def test_switched_off_by_the_environment() -> None:
     )
 
 
+@pytest.mark.slow  # two fresh processes, one of them building
 @needs_kernel
 def test_compiles_into_the_cache_folder(tmp_path: os.PathLike[str]) -> None:
     ready = f"ready ({tap_kernel.isa()})"
