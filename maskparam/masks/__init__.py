@@ -32,19 +32,20 @@ from maskparam.masks.pruning import top_taps
 from maskparam.masks.shapes import ball, blind_spot, checkerboard, cross, diamond, hexagonal, line
 from maskparam.masks.text import from_text, to_text
 
-__all__ = [
-    "ball",
-    "blind_spot",
+# The docs list the factories in this order: the shapes, a mask from a weight, the text form.
+__all__ = [  # noqa: RUF022
     "box",
-    "causal",
-    "checkerboard",
     "cross",
     "diamond",
-    "dilated",
-    "from_text",
+    "ball",
     "hexagonal",
+    "causal",
+    "dilated",
+    "blind_spot",
+    "checkerboard",
     "line",
     "random",
-    "to_text",
     "top_taps",
+    "to_text",
+    "from_text",
 ]
