@@ -417,7 +417,7 @@ def _conv_forward(
     execution = module.__dict__.get(EXECUTION_ATTR)
     if isinstance(execution, TapExecution):
         return execution.forward(module, input, weight, bias)
-    return paths.dense(module, input, weight, bias)
+    return _forward.dense_forward(module, input, weight, bias)
 
 
 _forward.register(EXECUTION_ATTR, _conv_forward)

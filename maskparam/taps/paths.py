@@ -14,12 +14,12 @@
 from __future__ import annotations
 
 import functools
-from typing import cast
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from maskparam import _compat
+from maskparam._forward import dense_forward
 from maskparam.taps import kernel as tap_kernel
 from maskparam.taps.boxes import Box
 from maskparam.taps.choose import box_path
@@ -28,17 +28,11 @@ from maskparam.taps.memory import is_channels_last, relayout
 from maskparam.taps.plan import active_taps, box_call
 from maskparam.taps.reference import double_backward, reference_conv
 
-__all__ = ["BOX_PATHS", "PATHS", "dense", "run", "run_boxes"]
+__all__ = ["BOX_PATHS", "PATHS", "run", "run_boxes"]
 
 PATHS = ("dense", "dense_cl", "kernel", "kernel_op", "fused", "reference")
 BOX_PATHS = ("kernel", "kernel_op", "fused", "reference")
 """The paths that compute only the active taps."""
-
-
-def dense(module: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The layer's own convolution, as if maskparam did not change its forward."""
-    base = cast(type[nn.Module], type(module)._maskparam_base)  # type: ignore[attr-defined]
-    return _compat.dense_conv_forward(base, module, input, weight, bias)
 
 
 def run(
@@ -51,10 +45,10 @@ def run(
 ) -> Tensor:
     """Run ``path`` (one of :data:`PATHS`); ``boxes`` matter only to the box paths."""
     if path == "dense":
-        return dense(module, input, weight, bias)
+        return dense_forward(module, input, weight, bias)
     if path == "dense_cl":
         out_cl = is_channels_last(input) or is_channels_last(weight)
-        y = dense(module, relayout(input, True), weight, bias)
+        y = dense_forward(module, relayout(input, True), weight, bias)
         return relayout(y, out_cl)
     device = input.device.type
     if torch.is_autocast_enabled(device):
@@ -96,6 +90,8 @@ def run_boxes(
         The output, in the layout the dense convolution gives.
 
     Example:
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
         >>> from maskparam.taps import decompose
         >>> conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
         >>> plus = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.bool)
