@@ -13,12 +13,7 @@ import torch
 import maskparam
 from maskparam.__main__ import main
 from maskparam.checkpoint import bake_file, bake_state_dict
-from tests.checkpoint_helpers import (
-    LAYERS,
-    masked_net,
-    plain_net,
-    trained,
-)
+from tests.checkpoint_helpers import LAYERS, masked_net, plain_net, trained
 
 # -- bake_file and python -m maskparam bake ----------------------------------------------------
 

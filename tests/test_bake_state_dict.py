@@ -15,14 +15,7 @@ from torch import nn
 from maskparam.apply import apply_mask
 from maskparam.checkpoint import bake_state_dict
 from maskparam.model import apply_masks
-from tests.checkpoint_helpers import (
-    LAYERS,
-    PLUS,
-    X,
-    masked_net,
-    plain_net,
-    trained,
-)
+from tests.checkpoint_helpers import LAYERS, PLUS, X, masked_net, plain_net, trained
 from tests.strategies import MaskPlan, mask_plans
 
 # -- bake_state_dict ---------------------------------------------------------------------------

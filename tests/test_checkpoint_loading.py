@@ -15,15 +15,7 @@ from torch.nn.utils import parametrize
 from maskparam.apply import apply_mask, get_mask, remove_mask, set_mask
 from maskparam.checkpoint import bake_state_dict
 from maskparam.model import apply_masks
-from tests.checkpoint_helpers import (
-    CORNERS,
-    LAYERS,
-    PLUS,
-    X,
-    masked_net,
-    plain_net,
-    trained,
-)
+from tests.checkpoint_helpers import CORNERS, LAYERS, PLUS, X, masked_net, plain_net, trained
 from tests.strategies import ConvCase, conv_cases, masks_for
 
 # -- a masked model loads a plain checkpoint and keeps its masks -------------------------------

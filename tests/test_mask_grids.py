@@ -12,12 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from maskparam.apply import apply_mask
-from maskparam.masks import (
-    ball,
-    box,
-    dilated,
-    random,
-)
+from maskparam.masks import ball, box, dilated, random
 from tests.strategies import CONV
 
 CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

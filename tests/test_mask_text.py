@@ -8,10 +8,7 @@ import pytest
 import torch
 from hypothesis import given
 
-from maskparam.masks import (
-    from_text,
-    to_text,
-)
+from maskparam.masks import from_text, to_text
 from tests.strategies import bool_masks
 
 

@@ -9,12 +9,7 @@ from torch import nn
 from maskparam import partial
 from maskparam.apply import set_mask
 from maskparam.partial import coverage
-from tests.partial_helpers import (
-    PLUS,
-    TYPE_A,
-    masked,
-    reference,
-)
+from tests.partial_helpers import PLUS, TYPE_A, masked, reference
 
 # -- coverage -----------------------------------------------------------------------------
 

@@ -8,11 +8,7 @@ from torch import nn
 
 from maskparam.apply import apply_mask, is_masked
 from maskparam.partial import PartialSequential, coverage, partial_conv
-from tests.partial_helpers import (
-    MODES,
-    PLUS,
-    masked,
-)
+from tests.partial_helpers import MODES, PLUS, masked
 
 # -- errors -------------------------------------------------------------------------------
 

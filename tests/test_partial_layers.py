@@ -14,13 +14,7 @@ from torch import nn
 from maskparam import _forward, masks
 from maskparam.apply import apply_mask, remove_mask, set_mask
 from maskparam.partial import PartialSequential, partial_conv
-from tests.partial_helpers import (
-    MODES,
-    PLUS,
-    TYPE_A,
-    masked,
-    reference,
-)
+from tests.partial_helpers import MODES, PLUS, TYPE_A, masked, reference
 
 # -- apply / remove / set / copy / save / compile --------------------------------------------
 
