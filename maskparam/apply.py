@@ -73,7 +73,7 @@ def apply_mask(
       shape, and keeps the fastest; dense unless another is clearly faster.
 
     The choice is a plain attribute of the module, kept by ``deepcopy`` and
-    ``torch.save(module)``, and replanned when the mask changes; ``remove_mask`` drops it.
+    ``torch.save(module)``, and redone when the mask changes; ``remove_mask`` drops it.
 
     Args:
         module: Any module with a parameter ``name``: :class:`torch.nn.Conv1d`/2d/3d,
@@ -241,7 +241,7 @@ def set_mask(module: nn.Module, mask: Tensor | Any, name: str = "weight") -> nn.
     execution = module.__dict__.get(_forward.EXECUTION_ATTR) if name == "weight" else None
     execution_new = None
     if isinstance(execution, taps.TapExecution):
-        execution_new = execution.replanned(module, new, weight.shape)
+        execution_new = execution.for_mask(module, new, weight.shape)
     _checks.warn_if_empty(new, where)
     with _transaction.atomic([module]):
         fixed.set_mask(new)

@@ -114,7 +114,7 @@ class TapExecution:
         # "auto": the path timed fastest, per input signature (see auto.signature).
         self._choices: dict[tuple[Any, ...], str] = {}
 
-    def replanned(
+    def for_mask(
         self, module: nn.Module, mask: Tensor, weight_shape: Sequence[int]
     ) -> TapExecution:
         """The execution of the same mode for a new ``mask``; warns as :func:`prepare` does."""
