@@ -129,7 +129,7 @@ def test_jit_trace_records_the_dense_convolution(execution: str) -> None:
     x = torch.randn(1, 2, 4, 4, 4)
     traced = torch.jit.trace(model, x)
     torch.testing.assert_close(traced(x), model(x))
-    y = torch.randn(2, 2, 5, 4, 3)  # another shape: the trace holds no plan of the first
+    y = torch.randn(2, 2, 5, 4, 3)  # another shape: the trace holds no boxes of the first
     torch.testing.assert_close(traced(y), nn.Sequential(dense, nn.ReLU())(y))
 
 

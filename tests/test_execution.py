@@ -53,7 +53,7 @@ def test_state_dict_roundtrip() -> None:
     torch.testing.assert_close(fresh(x), dense(x))
 
 
-def test_load_state_dict_with_another_mask_replans() -> None:
+def test_load_state_dict_with_another_mask_decomposes_it() -> None:
     source = apply_mask(nn.Conv2d(2, 3, 7, padding=3), causal_type_a())
     target = apply_mask(nn.Conv2d(2, 3, 7, padding=3), torch.ones(7, 7), execution="taps")
     x = torch.randn(1, 2, 9, 9)
@@ -63,7 +63,7 @@ def test_load_state_dict_with_another_mask_replans() -> None:
     assert [b.size for b in target.__dict__[_forward.EXECUTION_ATTR].boxes] == [21, 3]
 
 
-def test_in_place_mask_edit_replans() -> None:
+def test_in_place_mask_edit_is_decomposed() -> None:
     conv = apply_mask(nn.Conv2d(2, 3, 3, padding=1), PLUS, execution="taps")
     x = torch.randn(1, 2, 6, 6)
     conv(x)
@@ -75,7 +75,7 @@ def test_in_place_mask_edit_replans() -> None:
     assert sum(b.size for b in conv.__dict__[_forward.EXECUTION_ATTR].boxes) == 6
 
 
-def test_set_mask_replans() -> None:
+def test_set_mask_decomposes_the_new_mask() -> None:
     dense, tapped = twins(nn.Conv2d(2, 3, 7, padding=3), PLUS.new_ones(7, 7), "taps")
     set_mask(tapped, causal_type_a())
     set_mask(dense, causal_type_a())
@@ -269,14 +269,14 @@ def test_exception_execution_on_other_names() -> None:
     assert not parametrize.is_parametrized(conv)
 
 
-def test_a_plan_pickled_before_the_kernel_loads() -> None:
-    plan = taps.TapExecution("taps", torch.rand(7, 7, 7, generator=torch.Generator()) < 0.3)
-    state = plan.__getstate__()
+def test_an_execution_pickled_before_the_kernel_loads() -> None:
+    execution = taps.TapExecution("taps", torch.rand(7, 7, 7, generator=torch.Generator()) < 0.3)
+    state = execution.__getstate__()
     del state["tap_boxes"]  # as maskparam 0.1.0 pickled it
     old = taps.TapExecution.__new__(taps.TapExecution)
     old.__setstate__(state)
-    assert old.tap_boxes == plan.tap_boxes
-    assert old.boxes == plan.boxes
+    assert old.tap_boxes == execution.tap_boxes
+    assert old.boxes == execution.boxes
 
 
 # -- torch.load(weights_only=True) of a whole model ---------------------------------------------
