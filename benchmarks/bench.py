@@ -210,7 +210,7 @@ def peak_bytes(fn: Fn, device: torch.device) -> int:
         key=lambda e: e["ts"],
     )
     # The most held at once of what the call allocates itself. Its "Total Allocated" would
-    # also count blocks from earlier sessions, freed outside any, that never leave it.
+    # also count blocks from earlier profiler runs, freed outside any, that never leave it.
     alive: dict[int, int] = {}
     held = peak = 0
     for event in memory:
