@@ -26,6 +26,9 @@ Sections:
 3. ``apply_masks`` and baking (``remove_masks(bake=True)``) on a ResNet-50-sized network
    with 53 convolutions, against one forward pass of that network at batch 1.
 
+``--json OUT`` also writes the raw results to ``OUT``: the command, commit, date, machine and
+torch, and per case every variant's time in every round (seconds) beside the printed ratios.
+
 ``--isa avx2`` measures as on a CPU with AVX2 but no AVX-512: it runs the tap kernel built for
 AVX2 (``MASKPARAM_TAP_ISA=avx2``) and caps oneDNN, which runs dense, at AVX2
 (``ONEDNN_MAX_CPU_ISA=AVX2``, read when torch loads: the script starts itself again with it).
@@ -37,8 +40,10 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import datetime
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -55,11 +60,14 @@ from torch.nn.utils import parametrize, prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maskparam.apply import apply_mask, remove_mask
+from maskparam.apply import apply_mask
+from maskparam.model import apply_masks, remove_masks
+from maskparam.taps import build as tap_build
 from maskparam.taps import empty_cache, kernel_status
 from maskparam.taps import kernel as tap_kernel
 
 Fn = Callable[[], object]
+Record = dict[str, object]
 
 
 # -- masks ----------------------------------------------------------------------------------
@@ -202,7 +210,7 @@ def peak_bytes(fn: Fn, device: torch.device) -> int:
         key=lambda e: e["ts"],
     )
     # The most held at once of what the call allocates itself. Its "Total Allocated" would
-    # also count blocks from earlier sessions, freed outside any, that never leave it.
+    # also count blocks from earlier profiler runs, freed outside any, that never leave it.
     alive: dict[int, int] = {}
     held = peak = 0
     for event in memory:
@@ -292,6 +300,9 @@ TAP_CASES = [
     Case("2d random 4 of 5x5", 2, 32, 64, 64, 56, random_taps((5, 5), 4, 3)),
 ]
 
+# --smoke: one tiny case, to check that the script runs end to end; its times mean nothing.
+SMOKE_CASES = [Case("3d cross 3x3x3", 3, 1, 2, 4, 6, cross(3, 3))]
+
 
 # -- the machine's FMA peak ---------------------------------------------------------------
 
@@ -316,9 +327,6 @@ double fma_probe(int64_t iters, int nthreads) {
 """
 
 
-PROBE_RUNS = 100
-
-
 def _probe_library() -> ctypes.CDLL | None:
     """The probe, built for the tap kernel's instruction set; None where it does not run."""
     isa = tap_kernel.isa()
@@ -329,7 +337,7 @@ def _probe_library() -> ctypes.CDLL | None:
     with tempfile.TemporaryDirectory() as tmp:
         src, lib_path = Path(tmp) / "probe.c", Path(tmp) / "probe.so"
         src.write_text(PROBE)
-        flags = [*tap_kernel.FLAGS, *tap_kernel.ISAS[isa][1], f"-DLANES={lanes}"]
+        flags = [*tap_build.FLAGS, *tap_build.ISAS[isa][1], f"-DLANES={lanes}"]
         subprocess.run([compiler, *flags, "-o", str(lib_path), str(src)], check=True)
         lib = ctypes.CDLL(str(lib_path))
     lib.fma_probe.argtypes = [ctypes.c_int64, ctypes.c_int]
@@ -340,7 +348,7 @@ def _probe_library() -> ctypes.CDLL | None:
 PROBE_RUNS = 100
 
 
-def fma_peak(threads: int) -> float | None:
+def fma_peak(threads: int, runs: int = PROBE_RUNS) -> float | None:
     """GFLOP/s of FMAs on ``threads`` threads, in the tap kernel's ISA, best of many runs.
 
     Many short runs, the best: on a shared machine, some find the cores to themselves.
@@ -350,7 +358,7 @@ def fma_peak(threads: int) -> float | None:
         return None
     run, flops = step
     best = float("inf")
-    for _ in range(PROBE_RUNS):
+    for _ in range(runs):
         begin = time.perf_counter()
         run()
         best = min(best, time.perf_counter() - begin)
@@ -375,12 +383,15 @@ def useful_flops(case: Case) -> float:
 # -- sections -------------------------------------------------------------------------------
 
 
-def section_overhead(cases: list[Case], rounds: int, device: torch.device, timer: Timer) -> None:
+def section_overhead(
+    cases: list[Case], rounds: int, device: torch.device, timer: Timer
+) -> list[Record]:
     print("\n== 1. Parametrization overhead: time / plain layer (same weights)")
     print(
         f"{'case':42s} {'pass':8s} {'plain ms':>9s}  {'masked':17s} {'masked+cached':17s} "
         f"{'prune':17s}"
     )
+    records: list[Record] = []
     for case in cases:
         plain = case.layer(device)
         with torch.no_grad():
@@ -415,6 +426,8 @@ def section_overhead(cases: list[Case], rounds: int, device: torch.device, timer
                 f"{ratio(times, 'masked', 'plain'):17s} {ratio(times, 'cached', 'plain'):17s} "
                 f"{ratio(times, 'prune', 'plain'):17s}"
             )
+            records.append({"case": str(case), "pass": label, "seconds": times})
+    return records
 
 
 def section_taps(
@@ -425,7 +438,7 @@ def section_taps(
     memory: bool,
     probe: tuple[Fn, float] | None,
     brief: bool = False,
-) -> None:
+) -> list[Record]:
     """Time the variants of each case; ``brief``: dense and taps only (n/a for the rest)."""
     print(
         "\n== 2. Active taps, forward+backward: times in ms, ratios per round "
@@ -439,6 +452,7 @@ def section_taps(
     if memory:
         header += f" {'mem taps/dense':>14s}"
     print(header)
+    records: list[Record] = []
     for case in cases:
         dense = apply_mask(case.layer(device), case.mask.to(device))
         tapped = apply_mask(case.layer(device), case.mask.to(device), execution="taps")
@@ -469,6 +483,14 @@ def section_taps(
             f"{'n/a' if brief else chosen:>8s}"
         )
         gflops = useful_flops(case) / statistics.median(times["taps"]) / 1e9
+        record: Record = {
+            "case": str(case),
+            "active": int(case.mask.sum()),
+            "taps": case.mask.numel(),
+            "auto_chose": None if brief else chosen,
+            "useful_gflop": useful_flops(case) / 1e9,
+            "seconds": times,
+        }
         if probe is not None:
             fraction = statistics.median(
                 useful_flops(case) / t / (probe[1] / p)
@@ -481,7 +503,10 @@ def section_taps(
             mem_dense = peak_bytes(fns["dense"], device)
             mem_taps = peak_bytes(fns["taps"], device)
             line += f" {mem_taps / max(1, mem_dense):8.2f} ({mem_dense / 2**20:.0f} MiB)"
+            record["peak_bytes"] = {"dense": mem_dense, "taps": mem_taps}
         print(line, flush=True)
+        records.append(record)
+    return records
 
 
 class Bottleneck(nn.Module):
@@ -524,7 +549,7 @@ def resnet50() -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def section_model(rounds: int, device: torch.device, timer: Timer) -> None:
+def section_model(rounds: int, device: torch.device, timer: Timer) -> list[Record]:
     print("\n== 3. Whole model: apply_masks and bake on ResNet-50 (53 convs)")
     model = resnet50().to(device).eval()
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -535,27 +560,12 @@ def section_model(rounds: int, device: torch.device, timer: Timer) -> None:
             return None
         return cross(module.kernel_size[0], 2).to(device)
 
-    try:
-        from maskparam.model import apply_masks, remove_masks
+    def apply_all() -> None:
+        apply_masks(model, mask_for)
 
-        def apply_all() -> None:
-            apply_masks(model, mask_for)
+    def bake_all() -> None:
+        remove_masks(model, bake=True)
 
-        def bake_all() -> None:
-            remove_masks(model, bake=True)
-
-        how = "maskparam.model.apply_masks / remove_masks(bake=True)"
-    except ImportError:  # before maskparam.model existed: the same, layer by layer
-
-        def apply_all() -> None:
-            for name, conv in convs:
-                apply_mask(conv, mask_for(name, conv))
-
-        def bake_all() -> None:
-            for _, conv in convs:
-                remove_mask(conv, bake=True)
-
-        how = "a loop of apply_mask / remove_mask(bake=True)"
     x = torch.randn(1, 3, 224, 224, device=device)
     forward = fwd(model, x)
     forward()
@@ -571,7 +581,7 @@ def section_model(rounds: int, device: torch.device, timer: Timer) -> None:
         "bake": statistics.median(bake_times),
         "forward": statistics.median(forward_times),
     }
-    print(f"via {how}; medians over {rounds} rounds")
+    print(f"via apply_masks / remove_masks(bake=True); medians over {rounds} rounds")
     for key, values in (("apply", apply_times), ("bake", bake_times)):
         per = [a / b for a, b in zip(values, forward_times, strict=True)]
         print(
@@ -579,6 +589,8 @@ def section_model(rounds: int, device: torch.device, timer: Timer) -> None:
             f"= {statistics.median(per):.3f} x one forward at batch 1, 224x224 "
             f"({med['forward'] * 1e3:.1f} ms)"
         )
+    seconds = {"apply": apply_times, "bake": bake_times, "forward": forward_times}
+    return [{"case": "resnet50 (53 convs), batch 1, 224x224", "seconds": seconds}]
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -606,6 +618,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="5 rounds and a subset of cases, no memory"
     )
+    parser.add_argument(
+        "--smoke", action="store_true", help="one tiny case, one round: does the script run?"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write raw results here")
     parser.add_argument("--sections", default="1,2,3", help="comma-separated, e.g. 2 or 1,3")
     parser.add_argument("--cases", default="", help="only cases whose name contains this")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
@@ -629,11 +645,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(threads)
     device = torch.device(args.device)
     rounds = 5 if args.quick and args.rounds == 20 else args.rounds
+    rounds = 1 if args.smoke else rounds
     timer = Timer(device)
     sections = {s.strip() for s in args.sections.split(",")}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
     def pick(cases: list[Case]) -> list[Case]:
+        if args.smoke:
+            return SMOKE_CASES
         return [c for c in cases if (c.quick or not args.quick) and args.cases in str(c)]
 
     print(
@@ -643,23 +662,78 @@ def main(argv: list[str] | None = None) -> None:
         f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(unset)')}"
     )
     probe = None
+    peak = None
     if "2" in sections and device.type == "cpu":
         threads = torch.get_num_threads()
-        probe = fma_probe_step(threads)
-        peak = fma_peak(threads)
+        probe = fma_probe_step(threads, iters=2_000 if args.smoke else 2_000_000)
+        peak = fma_peak(threads, runs=1 if args.smoke else PROBE_RUNS)
         if peak is not None:
             print(
                 f"FMA peak probe ({tap_kernel.isa()}, {threads} threads): {peak:.0f} GFLOP/s, "
                 f"the best of {PROBE_RUNS} short runs; %peak below is per round, against "
                 "the probe timed among the variants"
             )
+    results: dict[str, list[Record]] = {}
     if "1" in sections:
-        section_overhead(pick(OVERHEAD_CASES), rounds, device, timer)
+        results["overhead"] = section_overhead(pick(OVERHEAD_CASES), rounds, device, timer)
     if "2" in sections:
-        memory = not (args.quick or args.no_memory)
-        section_taps(pick(TAP_CASES), rounds, device, timer, memory, probe, args.brief)
+        memory = not (args.quick or args.smoke or args.no_memory)
+        results["taps"] = section_taps(
+            pick(TAP_CASES), rounds, device, timer, memory, probe, args.brief
+        )
     if "3" in sections:
-        section_model(rounds, device, timer)
+        results["model"] = section_model(rounds, device, timer)
+    if args.json is not None:
+        about = {
+            "command": " ".join(["python", "benchmarks/bench.py", *(argv or sys.argv[1:])]),
+            "commit": _commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": _machine(),
+            "device": name,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "rounds": rounds,
+            "tap_kernel": kernel_status(),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+            "fma_peak_gflops": peak,
+        }
+        args.json.write_text(json.dumps({**about, "sections": results}, indent=1) + "\n")
+
+
+def _commit() -> str | None:
+    """The checkout's commit, with "+dirty" when files differ from it; None outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def _machine() -> dict[str, object]:
+    """The CPU's model name (Linux), architecture, core count and system."""
+    model = platform.processor() or None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model,
+        "arch": platform.machine(),
+        "cores": os.cpu_count(),
+        "system": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 if __name__ == "__main__":

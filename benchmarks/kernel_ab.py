@@ -14,7 +14,7 @@ just before a step matters too: right after dense (which leaves the caches cold 
 memory to the system) a step takes a few percent longer. So each round runs dense, then the
 two kernels, then the probe, and every other round the kernels swap places; a ratio is taken
 over two such rounds, one of each order. The other checkout's ``kernel.py`` must offer
-``conv`` and ``conv_backward`` with this one's arguments (the case since issue 12's kernel).
+``conv`` and ``conv_backward`` with this one's arguments.
 ``--isa avx2`` runs both kernels, and dense, as on a CPU without AVX-512 (see bench.py).
 """
 

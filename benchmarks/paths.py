@@ -71,7 +71,7 @@ def takes(path: str, layer: nn.Module, x: Tensor) -> bool:
     if path == "dense_cl":
         return x.dim() in (4, 5) and not memory.is_channels_last(x)
     if path == "kernel":
-        call = choose.Call(layer, x, layer.weight, layer.bias, None, boxes)  # type: ignore[arg-type]
+        call = choose.Call(layer, x, layer.weight, layer.bias, boxes=boxes)  # type: ignore[arg-type]
         return call.kernel_takes(boxes)
     return True
 

@@ -3,10 +3,11 @@
 from maskparam import masks
 from maskparam.apply import BiasMode, apply_mask, get_mask, is_masked, remove_mask, set_mask
 from maskparam.checkpoint import bake_state_dict
-from maskparam.model import LayerSummary, MaskSummary, apply_masks, mask_summary, remove_masks
+from maskparam.model import apply_masks, remove_masks
 from maskparam.parametrizations import BiasMask, FixedMask
 from maskparam.partial import PartialSequential, coverage, partial_conv
 from maskparam.plot import plot_mask
+from maskparam.summary import LayerSummary, MaskSummary, mask_summary
 
 __version__ = "0.2.0"
 

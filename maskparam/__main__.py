@@ -144,20 +144,24 @@ def _show_png(args: argparse.Namespace, mask: Tensor, title: str) -> int:
     return 0
 
 
+_BAKE = "maskparam bake"
+
+
 def _bake(args: argparse.Namespace) -> int:
     from maskparam import checkpoint
 
+    # The public bake_file's checks, with messages that speak of the command's options.
+    voice = checkpoint._Voice(_BAKE, overwrite="--overwrite", key=lambda key: f"--key {key}")
     try:
-        # The public bake_file's checks, with messages that speak of the command's options.
         baked = checkpoint._bake_file(
-            args.input, args.output, overwrite=args.overwrite, key=args.key, voice=checkpoint._CLI
+            args.input, args.output, overwrite=args.overwrite, key=args.key, voice=voice
         )
     except (OSError, TypeError, ValueError) as err:
         # A file or its contents, not the command line: no usage text, the message alone,
         # which names the command (the system's own OSError messages get the name here).
         message = str(err)
-        if not message.startswith(checkpoint._CLI.caller):
-            message = f"{checkpoint._CLI.caller}: {message}"
+        if not message.startswith(_BAKE):
+            message = f"{_BAKE}: {message}"
         print(message, file=sys.stderr)
         return 2
     under = f" under {args.key!r}" if args.key is not None else ""
@@ -234,23 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
         "maskparam.checkpoint.bake_file). With --key, bake the state_dict nested in a "
         "training checkpoint and keep its other entries. Exits with 2 on any error.",
     )
-    bake.add_argument(
-        "input",
-        metavar="IN",
-        help="a file from torch.save(model.state_dict(), IN), or a checkpoint with --key",
-    )
-    bake.add_argument("output", metavar="OUT", help="where to write the baked state_dict")
-    bake.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="allow replacing OUT if it exists, even when it is IN (default: refuse)",
-    )
-    bake.add_argument(
-        "--key",
-        metavar="NAME",
-        help="the entry of a training checkpoint that holds the state_dict, such as model "
+    explain = {
+        "IN": "a file from torch.save(model.state_dict(), IN), or a checkpoint with --key",
+        "OUT": "where to write the baked state_dict",
+        "--overwrite": "allow replacing OUT if it exists, even when it is IN (default: refuse)",
+        "--key": "the entry of a training checkpoint that holds the state_dict, such as model "
         "(dots for deeper levels: ema.model); OUT keeps the other entries as they are",
-    )
+    }
+    bake.add_argument("input", metavar="IN", help=explain["IN"])
+    bake.add_argument("output", metavar="OUT", help=explain["OUT"])
+    bake.add_argument("--overwrite", action="store_true", help=explain["--overwrite"])
+    bake.add_argument("--key", metavar="NAME", help=explain["--key"])
     bake.set_defaults(func=_bake, error=bake.error)
     return parser
 

@@ -6,8 +6,8 @@ modifies anything and a failed call leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import inspect
 import os
-import sys
 import warnings
 from typing import Any
 
@@ -166,10 +166,11 @@ def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
     sits between a user's ``model(x)`` and a forward-time warning), so the warning points
     at the first frame outside both.
     """
-    frame = sys._getframe(1)  # warnings.warn's stack level 2
+    here = inspect.currentframe()  # None where Python keeps no frames: then level 2
+    frame = here.f_back if here is not None else None  # warnings.warn's stack level 2
     level = 2
     while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE, _TORCH)):
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)
 

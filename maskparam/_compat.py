@@ -1,9 +1,11 @@
-"""Every use of torch internals in maskparam, each behind one small shim.
+"""Every use of torch internals in maskparam: small shims here, and the list of the rest.
 
 Torch gives no public way to do what these do. Each shim says why it exists and which torch
 it was written against; ``tests/test_compat.py`` checks each against the installed torch and
-fails, naming the shim, when torch changes what it relies on. Nothing else in maskparam
-touches ``torch._C``, a private module attribute, a private method or an error's text.
+fails, naming the shim, when torch changes what it relies on. Outside this module, maskparam
+uses only the private names in :data:`PRIVATE_USES`, each with its reason;
+``tests/test_private_names.py`` scans the package and fails on any other, and checks that
+torch still has every name listed.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 __all__ = [
+    "EXTRA_STATE_KEY",
+    "PRIVATE_USES",
     "ConvNd",
     "can_add_conv_in_place",
     "conv_add_",
+    "convolution_backward",
     "dense_conv_forward",
     "forward_ad_level",
     "functorch_active",
@@ -32,11 +37,59 @@ __all__ = [
     "view_base",
 ]
 
+PRIVATE_USES: dict[str, tuple[str, str]] = {
+    "_parameters": (
+        "torch.nn.Module",
+        "A module's own parameters by name, None entries included, in registration order: "
+        "a masked layer restores that order when it is unmasked, checks that a name is a "
+        "parameter rather than a buffer, and a transaction restores the dict as it was. "
+        "named_parameters() skips None and cannot assign.",
+    ),
+    "_buffers": (
+        "torch.nn.Module",
+        "A module's own buffers by name: apply_mask tells a buffer from a parameter, and a "
+        "transaction restores the dict exactly as it was.",
+    ),
+    "_modules": (
+        "torch.nn.Module",
+        "A module's own children by name: the optimizer hold and a transaction reach a "
+        "layer's ``parametrizations`` container without walking every submodule.",
+    ),
+    "_load_from_state_dict": (
+        "torch.nn.Module",
+        "A masked module fits a checkpoint's keys to its masks (plain or masked, either "
+        "shape) before its children load, and FixedMask drops the extra state of files "
+        "written by maskparam 0.1.x; load_state_dict pre-hooks cannot report errors the "
+        "way a strict load does.",
+    ),
+    "_apply": (
+        "torch.nn.Module",
+        "FixedMask keeps its mask's values through every conversion (``.to()``, "
+        "``to_empty``): _apply is the one method that all of them call.",
+    ),
+    "_conv_forward": (
+        "torch.nn.Conv2d",
+        "Masked convs with a bias mode or an execution replace the step after the weight is "
+        "read (see dense_conv_forward); Conv1d/2d/3d define it with this name.",
+    ),
+}
+"""The private torch names that maskparam uses outside this module: name -> (where torch
+defines it, why maskparam uses it). Checked on torch 2.13."""
+
 ConvNd = nn.modules.conv._ConvNd
 """The base class of Conv1d/2d/3d and ConvTranspose1d/2d/3d (since torch 1.0; checked on 2.13).
 
 Private by name, but the one class that holds what every conv has (``transposed``,
 ``padding_mode``, ``_conv_forward``); torch exports no public alias for it.
+"""
+
+
+EXTRA_STATE_KEY = "_extra_state"
+"""The last part of the ``state_dict`` key under which torch saves a module's extra state.
+
+Why: :meth:`~torch.nn.Module.get_extra_state` is saved as ``<prefix>_extra_state``; torch
+names the suffix only in the private ``torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX``.
+Since torch 1.10 (checked on torch 2.13).
 """
 
 
@@ -166,6 +219,27 @@ def conv_add_(
         return
     conv = {3: torch.conv1d, 4: torch.conv2d, 5: torch.conv3d}[x.dim()]
     out.add_(conv(x, w, None, stride, padding, dilation, groups))
+
+
+def convolution_backward(
+    grad: Tensor, x: Tensor, w: Tensor, args: tuple[Any, ...], groups: int, needs: tuple[bool, ...]
+) -> tuple[Tensor | None, Tensor | None]:
+    """The input and weight gradients of ``conv(x, w, None, *args, groups)``, as ``needs`` says.
+
+    ``args`` are the stride, padding and dilation. No autograd graph is recorded.
+
+    Why: the fused box path needs a convolution's gradients without recording a graph, in
+    one call that the conv library runs as its own backward; torch exposes that only as the
+    ATen op ``torch.ops.aten.convolution_backward``, outside its documented API
+    (``torch.nn.grad.conv*d_input``/``_weight`` make two calls). Since torch 1.11 (checked
+    on torch 2.13).
+    """
+    stride, padding, dilation = args
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad, x, w, None, stride, padding, dilation, False, [0] * len(stride), groups,
+        [needs[0], needs[1], False],
+    )  # fmt: skip
+    return gx, gw
 
 
 def unsupported_global(error: BaseException) -> str | None:

@@ -25,6 +25,7 @@ __all__ = [
     "EXECUTION_ATTR",
     "ConvForward",
     "conv_forward",
+    "dense_forward",
     "needs_override",
     "register",
 ]
@@ -66,6 +67,11 @@ def conv_forward(self: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | 
     for attr in ATTRS:
         if attr in self.__dict__ and attr in _FORWARDS:
             return _FORWARDS[attr](self, input, weight, bias)
+    return dense_forward(self, input, weight, bias)
+
+
+def dense_forward(module: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The layer's own convolution, as if maskparam did not change its forward."""
     # The class maskparam recorded, not __bases__[0]: FSDP2 subclasses the class again.
-    base: type[nn.Module] = type(self)._maskparam_base  # type: ignore[attr-defined]
-    return _compat.dense_conv_forward(base, self, input, weight, bias)
+    base: type[nn.Module] = type(module)._maskparam_base  # type: ignore[attr-defined]
+    return _compat.dense_conv_forward(base, module, input, weight, bias)

@@ -32,7 +32,6 @@ from torch.nn.utils import parametrize
 
 from maskparam import _checks, _compat, _forward, _optim, _transaction
 from maskparam.parametrizations import (
-    LEGACY_EXTRA_STATE,
     BiasMask,
     FixedMask,
     channel_activity,
@@ -117,13 +116,16 @@ def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
 def _rebuild(base: type[nn.Module], state: dict[str, Any]) -> nn.Module:
     module: nn.Module = base.__new__(base)
     module.__setstate__(state)  # type: ignore[no-untyped-call]
-    _fold_legacy_hidden(module)
+    read_0_1_pickle(module)
     adopt(module, base)
     return module
 
 
-def _fold_legacy_hidden(module: nn.Module) -> None:
-    """Put the values a maskparam 0.1 pickle kept in ``FixedMask.hidden`` into the original."""
+def read_0_1_pickle(module: nn.Module) -> None:
+    """Put the values a pickle kept in ``FixedMask.hidden`` into the original.
+
+    Reads files written by maskparam 0.1.x; may be dropped in 1.0.
+    """
     chains: nn.ModuleDict = module.parametrizations  # type: ignore[assignment]
     for chain in chains.values():
         parametrizations: list[nn.Module] = list(chain)  # type: ignore[call-overload]
@@ -324,7 +326,7 @@ class _MaskedLoad:
         ]
         if follows is not None:
             self.new_masks = [follows.to(mask.device) for mask in self.new_masks]
-        self.legacy = [self._legacy_hidden(state_dict, i) for i in range(len(self.fixed))]
+        self.hidden_0_1 = [self._read_0_1_hidden(state_dict, i) for i in range(len(self.fixed))]
 
     def _incoming_mask(self, state_dict: dict[str, Any], i: int, fixed: FixedMask) -> Tensor:
         key = f"{self.base}{i}.mask"
@@ -340,8 +342,12 @@ class _MaskedLoad:
             return fixed.values
         return mask
 
-    def _legacy_hidden(self, state_dict: dict[str, Any], i: int) -> Tensor | None:
-        key = f"{self.base}{i}.{LEGACY_EXTRA_STATE}"
+    def _read_0_1_hidden(self, state_dict: dict[str, Any], i: int) -> Tensor | None:
+        """The values mask ``i`` hides, as a checkpoint saved them as its extra state.
+
+        Reads files written by maskparam 0.1.x; may be dropped in 1.0.
+        """
+        key = f"{self.base}{i}.{_compat.EXTRA_STATE_KEY}"
         if key not in state_dict:
             return None
         hidden = state_dict.pop(key)
@@ -373,9 +379,9 @@ class _MaskedLoad:
     def commit(self, state_dict: dict[str, Any]) -> None:
         """Give the module the checked masks, and the original the values they hide."""
         incoming = self.incoming
-        if incoming is not None and any(h is not None for h in self.legacy):
+        if incoming is not None and any(h is not None for h in self.hidden_0_1):
             values = incoming
-            for mask, hidden in zip(self.new_masks, self.legacy, strict=True):
+            for mask, hidden in zip(self.new_masks, self.hidden_0_1, strict=True):
                 if hidden is not None:
                     values = torch.where(mask.to(values.device), values, hidden.to(values))
             state_dict[self.original_key] = values

@@ -14,11 +14,11 @@ from torch.nn.utils import parametrize
 
 from maskparam import _checks, _compat, _forward, _module_class, _optim, _transaction, taps
 from maskparam.parametrizations import BiasMask, FixedMask, channel_activity
-from maskparam.partial import DATA_BIAS_MODES
+from maskparam.partial import DATA_BIAS_MODES, DataBiasMode
 
 __all__ = ["BiasMode", "apply_mask", "get_mask", "is_masked", "remove_mask", "set_mask"]
 
-BiasMode = Literal["keep", "zero", "channel", "valid", "partial"]
+BiasMode = Literal["keep", "zero", "channel", DataBiasMode]
 """What happens to the layer's bias, see :func:`apply_mask`."""
 
 BIAS_MODES: tuple[str, ...] = get_args(BiasMode)
@@ -73,7 +73,7 @@ def apply_mask(
       shape, and keeps the fastest; dense unless another is clearly faster.
 
     The choice is a plain attribute of the module, kept by ``deepcopy`` and
-    ``torch.save(module)``, and replanned when the mask changes; ``remove_mask`` drops it.
+    ``torch.save(module)``, and redone when the mask changes; ``remove_mask`` drops it.
 
     Args:
         module: Any module with a parameter ``name``: :class:`torch.nn.Conv1d`/2d/3d,
@@ -243,7 +243,7 @@ def set_mask(module: nn.Module, mask: Tensor | Any, name: str = "weight") -> nn.
     execution = module.__dict__.get(_forward.EXECUTION_ATTR) if name == "weight" else None
     execution_new = None
     if isinstance(execution, taps.TapExecution):
-        execution_new = execution.replanned(module, new, weight.shape)
+        execution_new = execution.for_mask(module, new, weight.shape)
     _checks.warn_if_empty(new, where)
     _optim.release(_originals(module, (name, "bias") if bias_new is not None else (name,)))
     with _transaction.atomic([module]):
@@ -294,6 +294,7 @@ def _prepare(
     mask = _checks.as_bool_mask(mask, "apply_mask")
     where = f"{_checks.layer_name(module)}.{name}"
     _checks.check_mask_fits(mask, weight, where, "apply_mask")
+    check_options(bias_mode, execution, "apply_mask")
     bias_mask = _bias_mask_for(module, weight, name, mask, bias_mode)
     return weight, mask, bias_mask, taps.prepare(module, mask, name, execution, bias_mode)
 
@@ -315,6 +316,18 @@ def _check_removable(module: nn.Module, name: str, bake: bool) -> None:
             "the module masked (it saves, copies and compiles as it is), or call "
             "remove_mask(module, bake=False) to drop the mask and the bias mode and get the "
             "stored weights back (copy module.weight first to keep the masked values)."
+        )
+
+
+def check_options(bias_mode: object, execution: object, caller: str) -> None:
+    """Raise ``ValueError`` unless ``bias_mode`` and ``execution`` are values they can take."""
+    if bias_mode not in BIAS_MODES:
+        raise ValueError(
+            f"{caller} expects bias_mode to be one of {list(BIAS_MODES)}. Got {bias_mode!r}."
+        )
+    if execution not in taps.EXECUTIONS:
+        raise ValueError(
+            f"{caller} expects execution to be one of {list(taps.EXECUTIONS)}. Got {execution!r}."
         )
 
 
@@ -396,10 +409,6 @@ def _bias_mask_for(
     module: nn.Module, weight: Tensor, name: str, mask: Tensor, bias_mode: str
 ) -> BiasMask | None:
     """The bias parametrization ``bias_mode`` asks for, or None; raise if it cannot apply."""
-    if bias_mode not in BIAS_MODES:
-        raise ValueError(
-            f"apply_mask expects bias_mode to be one of {list(BIAS_MODES)}. Got {bias_mode!r}."
-        )
     if bias_mode == "keep":
         return None
     kind = _checks.layer_name(module)

@@ -17,7 +17,7 @@ import os
 import re
 import secrets
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,10 @@ tensors, so the default ``torch.load(path)`` reads it.
 # `<owner>parametrizations.<tensor>.original` (or original0, original1, ... for
 # parametrizations whose right_inverse returns several tensors); <owner> is "" or ends in ".".
 _ORIGINAL = re.compile(r"^(?P<owner>(?:.*\.)?)parametrizations\.(?P<tensor>[^.]+)\.original\d*$")
-_EXTRA_STATE = "_extra_state"
+# What a maskparam mask saves under ``parametrizations.<name>.``; the first is all a mask
+# saves now, the second is what files written by maskparam 0.1.x hold (may be dropped in 1.0).
+_MASK_KEYS = ["0.mask", "original"]
+_MASK_KEYS_0_1 = [f"0.{_compat.EXTRA_STATE_KEY}", "0.mask", "original"]
 
 
 def bake_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -177,23 +180,22 @@ def bake_file(
 class _Voice:
     """How the messages of :func:`bake_file` name the caller and its options.
 
-    The Python function and the command line share the checks, and each speaks its own
-    language: ``bake_file ... key='model'`` or ``maskparam bake ... --key model``.
+    The Python function and the command line (``maskparam.__main__``) share the checks,
+    and each speaks its own language: ``bake_file ... key='model'`` or
+    ``maskparam bake ... --key model``.
+
+    Attributes:
+        caller: The name that starts every message.
+        overwrite: How to ask for an existing target to be replaced.
+        key: How to pass a given key.
     """
 
     caller: str
-    command_line: bool
-
-    def key(self, key: str) -> str:
-        return f"--key {key}" if self.command_line else f"key={key!r}"
-
-    @property
-    def overwrite(self) -> str:
-        return "--overwrite" if self.command_line else "overwrite=True"
+    overwrite: str
+    key: Callable[[str], str]
 
 
-_API = _Voice("bake_file", command_line=False)
-_CLI = _Voice("maskparam bake", command_line=True)
+_API = _Voice("bake_file", overwrite="overwrite=True", key=lambda key: f"key={key!r}")
 
 
 def _bake_file(
@@ -234,14 +236,13 @@ def _bake_file(
         raise  # The file could not be read at all (permissions, say): its own message is best.
     except Exception as err:  # torch.load raises all sorts on a file it cannot parse.
         raise ValueError(_unreadable(source, err, caller)) from None
-    path = _key_path(loaded, key, str(source), voice)
-    state_dict = _entry(loaded, path)
+    state_dict, put_back = _nested(loaded, key, str(source), voice)
     holder = f"{str(source)!r}" if key is None else f"{str(source)!r} under {key!r}"
     baked, keys = _bake(state_dict, caller, holder=holder, voice=voice)
     # Not tempfile.mkstemp: its file is private (0600), and os.replace would keep that.
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     try:
-        torch.save(_replaced(loaded, path, baked), temporary)
+        torch.save(put_back(baked), temporary)
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -273,7 +274,7 @@ def _bake(
             continue
         members = sorted(k[len(group) :] for k in state_dict if k.startswith(group))
         where = f"{group[:-1]!r} with keys {members}"
-        if members not in (["0.mask", "original"], ["0._extra_state", "0.mask", "original"]):
+        if members not in (_MASK_KEYS, _MASK_KEYS_0_1):
             raise ValueError(
                 f"{caller} bakes maskparam masks, which save exactly 'original' and '0.mask' "
                 "(and, from maskparam 0.1, '0._extra_state': the values the mask hid) under "
@@ -295,7 +296,8 @@ def _bake(
     mask_keys = {
         key.removesuffix("original") + member
         for key in plain_of
-        for member in ("0.mask", "0._extra_state")
+        for member in _MASK_KEYS_0_1
+        if member != "original"
     }
     baked: OrderedDict[str, Any] = OrderedDict()
     for key, value in state_dict.items():
@@ -329,7 +331,7 @@ def _check_state_dict(
     for key, value in state_dict.items():
         if not isinstance(key, str):
             raise TypeError(f"{rule} Got the key {key!r} of type {type(key).__name__}.")
-        if isinstance(value, Tensor) or key.rsplit(".", 1)[-1] == _EXTRA_STATE:
+        if isinstance(value, Tensor) or key.rsplit(".", 1)[-1] == _compat.EXTRA_STATE_KEY:
             continue
         hint = ""
         if isinstance(value, Mapping) and voice is not None:
@@ -363,47 +365,43 @@ def _unreadable(source: Path, err: BaseException, caller: str) -> str:
     )
 
 
-def _key_path(loaded: object, key: str | None, source: str, voice: _Voice) -> list[str]:
-    """The entries to follow from the loaded file down to the ``state_dict``.
+def _nested(
+    loaded: Any, key: str | None, source: str, voice: _Voice
+) -> tuple[Any, Callable[[Any], Any]]:
+    """The entry of ``loaded`` that ``key`` names, and how to put another in its place.
 
-    ``key`` is one entry if the file has it, else a dotted path, one entry per level.
+    ``key`` is one entry if the file has it, else a dotted path, one entry per level; None
+    names the whole file. Putting a value back copies each level on the path, so
+    ``loaded`` itself never changes.
     """
-    if key is None:
-        return []
-    if isinstance(loaded, Mapping) and key in loaded:
-        return [key]
-    path = key.split(".")
-    level = loaded
+    path: list[str] = []
+    if key is not None:
+        path = [key] if isinstance(loaded, Mapping) and key in loaded else key.split(".")
+    entry = loaded
     for depth, part in enumerate(path):
-        if not isinstance(level, Mapping) or part not in level:
+        if not isinstance(entry, Mapping) or part not in entry:
             reached = ".".join(path[:depth])
             at = f"under {reached!r}" if depth else "at its top level"
             has = (
-                f"has the entries {sorted(map(str, level))}"
-                if isinstance(level, Mapping)
-                else f"holds a {type(level).__name__}, which has no entries"
+                f"has the entries {sorted(map(str, entry))}"
+                if isinstance(entry, Mapping)
+                else f"holds a {type(entry).__name__}, which has no entries"
             )
             raise ValueError(
-                f"{voice.caller} expects {voice.key(key)} to name an entry of {source!r}, "
-                f"dots for deeper levels. Got no entry {part!r}: {at}, the file {has}."
+                f"{voice.caller} expects {voice.key(str(key))} to name an entry of "
+                f"{source!r}, dots for deeper levels. Got no entry {part!r}: {at}, the file "
+                f"{has}."
             )
-        level = level[part]
-    return path
+        entry = entry[part]
 
+    def put(value: Any, level: Any = loaded, depth: int = 0) -> Any:
+        if depth == len(path):
+            return value
+        copy = type(level)(level) if isinstance(level, dict) else dict(level)
+        copy[path[depth]] = put(value, level[path[depth]], depth + 1)
+        return copy
 
-def _entry(loaded: Any, path: list[str]) -> Any:
-    for part in path:
-        loaded = loaded[part]
-    return loaded
-
-
-def _replaced(loaded: Any, path: list[str], value: Any) -> Any:
-    """``loaded`` with the entry at ``path`` replaced by ``value``; the input is unchanged."""
-    if not path:
-        return value
-    copy = type(loaded)(loaded) if isinstance(loaded, dict) else dict(loaded)
-    copy[path[0]] = _replaced(loaded[path[0]], path[1:], value)
-    return copy
+    return entry, put
 
 
 def _check_mask_entry(original: Tensor, mask: Tensor, where: str, caller: str) -> None:

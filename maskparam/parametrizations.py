@@ -133,10 +133,10 @@ class FixedMask(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Checkpoints from maskparam 0.1 saved the hidden values as extra state; a masked
-        # module folds them into its original before this runs. Here they are only dropped,
-        # so that a strict load does not call them unexpected.
-        state_dict.pop(f"{prefix}{LEGACY_EXTRA_STATE}", None)
+        # Checkpoints written by maskparam 0.1.x saved the hidden values as extra state; a
+        # masked module folds them into its original before this runs (may be dropped in
+        # 1.0). Here they are only dropped, so that a strict load does not call them unexpected.
+        state_dict.pop(f"{prefix}{_compat.EXTRA_STATE_KEY}", None)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -144,7 +144,8 @@ class FixedMask(nn.Module):
             self.__dict__.pop("_meta_values", None)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Pickles from maskparam 0.1 carry ``hidden``; the masked module folds it in.
+        # Pickles written by maskparam 0.1.x carry ``hidden``; the masked module folds it in
+        # (_module_class.read_0_1_pickle; may be dropped in 1.0).
         state.setdefault("_stored", True)
         super().__setstate__(state)  # type: ignore[no-untyped-call]
 
@@ -152,10 +153,6 @@ class FixedMask(nn.Module):
         """Shape and active count, shown in the module's repr."""
         values = self.values
         return f"shape={tuple(values.shape)}, active={int(values.sum())}/{values.numel()}"
-
-
-LEGACY_EXTRA_STATE = "_extra_state"
-"""The key under which maskparam 0.1 saved the values a mask hides, in a masked state_dict."""
 
 
 class BiasMask(FixedMask):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,10 @@ __all__ = [
     "partial_conv",
 ]
 
-DATA_BIAS_MODES: tuple[str, ...] = ("valid", "partial")
+DataBiasMode = Literal["valid", "partial"]
 """The bias modes whose output depends on which input is valid."""
+
+DATA_BIAS_MODES: tuple[str, ...] = get_args(DataBiasMode)
 
 _ConvNd = _compat.ConvNd
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

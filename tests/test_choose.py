@@ -11,7 +11,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from maskparam import checkpoint, taps
+from maskparam import taps
 from maskparam.apply import apply_mask
 from maskparam.masks import cross
 from maskparam.taps import choose, paths
@@ -76,7 +76,7 @@ def test_explain_names_the_path_and_the_rule(
     assert (explained.path, explained.rule) == (path, rule)
     assert str(explained).startswith(f"{path}: ")
     reason = next(r for r in RULES if r.name == rule).why
-    assert explained.reason == reason(choose.Call(layer, x, layer.weight, layer.bias, None))
+    assert explained.reason == reason(choose.Call(layer, x, layer.weight, layer.bias))
 
 
 def test_explain_agrees_with_what_runs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,7 +117,7 @@ def test_explain_under_forward_ad_and_auto() -> None:
     assert taps.explain(auto, torch.randn(1, 2, 9)).rule == "auto: dense"
 
 
-# -- torch.jit.trace and torch.onnx.export (issue 11) ----------------------------------------
+# -- torch.jit.trace, torch.onnx.export and torch.export: what they record ---------------------
 
 
 @pytest.mark.parametrize("execution", ["taps", "auto"])
@@ -129,7 +129,7 @@ def test_jit_trace_records_the_dense_convolution(execution: str) -> None:
     x = torch.randn(1, 2, 4, 4, 4)
     traced = torch.jit.trace(model, x)
     torch.testing.assert_close(traced(x), model(x))
-    y = torch.randn(2, 2, 5, 4, 3)  # another shape: the trace holds no plan of the first
+    y = torch.randn(2, 2, 5, 4, 3)  # another shape: the trace holds no boxes of the first
     torch.testing.assert_close(traced(y), nn.Sequential(dense, nn.ReLU())(y))
 
 
@@ -161,7 +161,7 @@ def test_torch_export_records_ordinary_operations(execution: str) -> None:
     torch.testing.assert_close(exported.module()(x), layer(x))
 
 
-# -- a conv with no input channels (issue 11) ------------------------------------------------
+# -- a conv with no input channels -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("execution", ["dense", "taps", "auto"])
@@ -178,44 +178,3 @@ def test_no_input_channels_runs_as_the_plain_conv(execution: str, bias_mode: str
         got = layer(x)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected)
-
-
-# -- torch.load(weights_only=True) of a whole model (issue 11) --------------------------------
-
-
-@pytest.mark.parametrize("execution", ["taps", "auto"])
-@pytest.mark.parametrize("bias_mode", ["keep", "zero", "channel", "valid", "partial"])
-def test_whole_model_loads_with_weights_only(execution: str, bias_mode: str) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # taps with a data bias mode runs dense
-        model = nn.Sequential(
-            apply_mask(
-                nn.Conv2d(2, 3, 3, padding=1), PLUS, execution=execution, bias_mode=bias_mode
-            ),  # type: ignore[arg-type]
-            nn.ReLU(),
-        )
-    x = torch.randn(1, 2, 6, 6)
-    model(x)  # "auto" records a choice: its keys hold a dtype and a device
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    # The documented list, which holds what the taps need (issue 11: three names were missing).
-    allowed = [*checkpoint.SAFE_GLOBALS, nn.Sequential, nn.Conv2d, nn.ReLU]
-    buffer.seek(0)
-    with torch.serialization.safe_globals(allowed):
-        loaded = torch.load(buffer, weights_only=True)
-    torch.testing.assert_close(loaded(x), model(x))
-    buffer.seek(0)
-    without = [g for g in allowed if g not in taps.SAFE_GLOBALS]
-    if bias_mode not in ("valid", "partial"):  # these record no execution
-        with (
-            torch.serialization.safe_globals(without),
-            pytest.raises(Exception, match="Unsupported global"),
-        ):
-            torch.load(buffer, weights_only=True)
-
-
-def test_pickles_name_the_public_module() -> None:
-    # As maskparam 0.1.0 did, so that moving code inside maskparam/taps breaks no file.
-    for obj in taps.SAFE_GLOBALS:
-        assert obj.__module__ == "maskparam.taps"
-        assert getattr(taps, obj.__name__) is obj

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,21 @@ def test_conv_nd_is_the_base_of_every_conv() -> None:
     conv = nn.Conv2d(1, 1, 3)
     for attr in ("transposed", "padding_mode", "_conv_forward"):
         assert hasattr(conv, attr), f"ConvNd: convs no longer have {attr!r}"
+
+
+class _WithExtraState(nn.Module):
+    def get_extra_state(self) -> int:
+        return 1
+
+    def set_extra_state(self, state: object) -> None:
+        pass
+
+
+def test_extra_state_key() -> None:
+    keys = list(nn.Sequential(_WithExtraState()).state_dict())
+    assert keys == [f"0.{_compat.EXTRA_STATE_KEY}"], (
+        f"EXTRA_STATE_KEY: torch now saves extra state under {keys}"
+    )
 
 
 def test_inject_property() -> None:
@@ -174,3 +190,51 @@ def test_local_shard() -> None:
         assert torch.equal(_compat.local_shard(full, weight), full), "local_shard: wrong cut"
     finally:
         dist.destroy_process_group()
+
+
+def test_is_dtensor() -> None:
+    assert not _compat.is_dtensor(torch.zeros(2)), "is_dtensor: a plain tensor is no DTensor"
+    if not torch.distributed.is_available():
+        return
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sharded = distribute_tensor(torch.randn(4, 2), init_device_mesh("cpu", (1,)), [Shard(0)])
+        assert _compat.is_dtensor(sharded), "is_dtensor: a DTensor is not recognised"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_convolution_backward(needs: tuple[bool, bool]) -> None:
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    args = ((2, 1), (1, 0), (1, 2))
+    out = F.conv2d(x, w, None, *args, groups=2)
+    grad = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, w), grad)
+    got_x, got_w = _compat.convolution_backward(grad, x.detach(), w.detach(), args, 2, needs)
+    for name, need, got, expected in (
+        ("input", needs[0], got_x, gx),
+        ("weight", needs[1], got_w, gw),
+    ):
+        if need:
+            assert got is not None, f"convolution_backward: no {name} gradient"
+            torch.testing.assert_close(
+                got, expected, msg=f"convolution_backward: wrong {name} gradient"
+            )
+        else:
+            assert got is None, f"convolution_backward: a {name} gradient nobody asked for"
+
+
+def test_every_shim_has_a_test_here() -> None:
+    source = Path(__file__).read_text()
+    untested = [
+        name
+        for name in _compat.__all__
+        if name != "PRIVATE_USES" and f"_compat.{name}" not in source  # test_private_names
+    ]
+    assert not untested, f"shims of maskparam._compat without a test in this file: {untested}"

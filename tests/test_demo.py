@@ -1,3 +1,5 @@
+"""The demo: a cross-masked Conv3d learns a hidden cross filter, and says whether it did."""
+
 from __future__ import annotations
 
 import subprocess
@@ -24,6 +26,7 @@ def test_demo_reports_failure_with_nonzero_exit() -> None:
     assert any("[FAILED] loss fell by 1000x" in line for line in lines)
 
 
+@pytest.mark.slow  # a fresh process: torch's import and 150 training steps
 def test_cli_demo_subprocess() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "maskparam", "demo", "--steps", "150"],

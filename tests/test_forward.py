@@ -1,3 +1,6 @@
+"""The conv-forward override that bias modes and executions install: only when an option
+needs it, and kept through deepcopy, pickling and subclassing."""
+
 from __future__ import annotations
 
 import copy

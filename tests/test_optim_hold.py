@@ -318,6 +318,7 @@ def test_a_compiled_step_through_mask_changes_and_garbage_collection(backend: st
 # -- Ctrl-C ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_steps_never_leaves_a_silent_or_partial_move() -> None:
     # A real SIGINT at a random moment of AdamW steps over many masked convs. After each
     # interrupt, either every value under a mask is where it was before the step, or the next

@@ -1,13 +1,17 @@
-"""The distribution ships what its metadata declares: the licence text, in sdist and wheel."""
+"""The distribution ships what its metadata declares: the licence text, in sdist and wheel;
+the version has its changelog entry."""
 
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
+
+import maskparam
 
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from 3.11")
 
@@ -40,6 +44,17 @@ def test_license_file_matches_the_declared_licence() -> None:
 
 def test_license_file_is_in_the_sdist_include_list() -> None:
     assert "LICENSE" in PYPROJECT["tool"]["hatch"]["build"]["targets"]["sdist"]["include"]
+
+
+def test_the_changelog_has_a_dated_entry_for_this_version() -> None:
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    version = re.escape(maskparam.__version__)
+    assert re.search(rf"^## \[{version}\] - \d{{4}}-\d{{2}}-\d{{2}}$", changelog, re.M), version
+    include = PYPROJECT["tool"]["hatch"]["build"]["targets"]["sdist"]["include"]
+    readme = (ROOT / "README.md").read_text()
+    for page in ("CHANGELOG.md", "BENCHMARKS.md"):
+        assert page in include
+        assert f"]({page})" in readme, f"README.md does not link {page}"
 
 
 @pytest.mark.slow

@@ -1,3 +1,5 @@
+"""FixedMask and BiasMask on their own: a bool mask buffer, torch.where, exact gradients."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,3 +1,5 @@
+"""plot_mask draws a mask as a picture, and ``python -m maskparam show`` prints or saves one."""
+
 from __future__ import annotations
 
 import io
@@ -251,6 +253,7 @@ def test_cli_show_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert not plt.get_fignums()  # the figure is closed again
 
 
+@pytest.mark.slow  # a fresh process importing torch and matplotlib
 def test_cli_show_png_subprocess(tmp_path: Path) -> None:
     path = tmp_path / "ball.png"
     result = subprocess.run(

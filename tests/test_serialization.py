@@ -1,3 +1,6 @@
+"""A masked model through torch.save of the whole model, torch.compile, torch.export and
+parametrize.cached."""
+
 from __future__ import annotations
 
 import copy

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from maskparam.taps import kernel as tap_kernel
+from maskparam.taps import build as tap_build
 
 HARNESS = Path(__file__).with_name("c") / "test_tapconv.c"
 NEON_SCRIPT = Path(__file__).with_name("c") / "run_neon.sh"
@@ -36,17 +36,17 @@ def test_kernel_matches_naive_conv(isa: str, optimize: tuple[str, ...], tmp_path
     """Built as maskparam builds it; at -O0, where nothing is inlined but what must be; and
     with chunks of 4 pairs (KC), so that the forward crosses chunk boundaries often."""
     machine = platform.machine().lower()
-    native = isa in tap_kernel._MACHINE_ISAS.get(machine, ())
+    native = isa in tap_build.MACHINE_ISAS.get(machine, ())
     if native:
-        needs = tap_kernel.ISAS[isa][0]
-        if not set(needs) <= tap_kernel._cpu_flags():
+        needs = tap_build.ISAS[isa][0]
+        if not set(needs) <= tap_build.cpu_flags():
             pytest.skip(f"this CPU lacks {isa}")
         compiler = shutil.which("cc")
         if compiler is None:
             pytest.skip("no C compiler")
-        flags = [f for f in tap_kernel.FLAGS if f not in ("-shared", "-fPIC")]
+        flags = [f for f in tap_build.FLAGS if f not in ("-shared", "-fPIC")]
         binary = tmp_path / "test_tapconv"
-        build = [compiler, *flags, *optimize, *tap_kernel.ISAS[isa][1], "-Wall", "-Werror", "-o"]
+        build = [compiler, *flags, *optimize, *tap_build.ISAS[isa][1], "-Wall", "-Werror", "-o"]
         subprocess.run([*build, str(binary), str(HARNESS), "-lm"], check=True, timeout=120)
         command = [str(binary)]
     elif isa == "neon":

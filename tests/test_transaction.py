@@ -146,11 +146,12 @@ def _count_lines(call: Callable[[], object]) -> int:
             count += 1
         return tracer
 
+    previous = sys.gettrace()  # coverage's, under pytest --cov
     sys.settrace(tracer)
     try:
         call()
     finally:
-        sys.settrace(None)
+        sys.settrace(previous)
     return count
 
 
@@ -181,13 +182,14 @@ def _fail_at(n: int, error: type[BaseException], call: Callable[[], object]) -> 
                 raise error("injected")
         return tracer
 
+    previous = sys.gettrace()
     sys.settrace(tracer)
     try:
         call()
     except error:
         pass
     finally:
-        sys.settrace(None)
+        sys.settrace(previous)
     return fired
 
 
@@ -369,6 +371,7 @@ def test_optimizer_state_saved_before_masking_loads_after_unmasking() -> None:
         )
 
 
+@pytest.mark.slow
 def test_sigint_in_the_middle_leaves_the_model_fully_masked_or_not_at_all() -> None:
     # A real SIGINT, sent by a thread at a random moment while the main thread masks and
     # unmasks a model in a loop. Each KeyboardInterrupt must find the model consistent.

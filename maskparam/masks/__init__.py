@@ -16,9 +16,9 @@ The named shapes share their conventions:
 
 Errors: every factory checks all of its arguments before it builds anything, and raises
 
-- :class:`TypeError` if an argument has the wrong type (bools are neither ints nor
+- ``TypeError`` if an argument has the wrong type (bools are neither ints nor
   numbers; NumPy's integers and floats are accepted);
-- :class:`ValueError` if ``kernel_size`` is an int and ``ndim`` is missing, if a size is
+- ``ValueError`` if ``kernel_size`` is an int and ``ndim`` is missing, if a size is
   below 1 (or even, where the shape needs a centre), if ``ndim`` disagrees with
   ``kernel_size``, or if a radius is negative or not finite.
 
@@ -27,34 +27,25 @@ rule and the value it got.
 """
 
 from maskparam.masks.autoregressive import causal
+from maskparam.masks.grids import box, dilated, random
 from maskparam.masks.pruning import top_taps
-from maskparam.masks.shapes import (
-    ball,
-    blind_spot,
-    box,
-    checkerboard,
-    cross,
-    diamond,
-    dilated,
-    hexagonal,
-    line,
-    random,
-)
+from maskparam.masks.shapes import ball, blind_spot, checkerboard, cross, diamond, hexagonal, line
 from maskparam.masks.text import from_text, to_text
 
-__all__ = [
-    "ball",
-    "blind_spot",
+# The docs list the factories in this order: the shapes, a mask from a weight, the text form.
+__all__ = [  # noqa: RUF022
     "box",
-    "causal",
-    "checkerboard",
     "cross",
     "diamond",
-    "dilated",
-    "from_text",
+    "ball",
     "hexagonal",
+    "causal",
+    "dilated",
+    "blind_spot",
+    "checkerboard",
     "line",
     "random",
-    "to_text",
     "top_taps",
+    "to_text",
+    "from_text",
 ]

@@ -31,9 +31,11 @@ path (up to timing noise). See :class:`TapExecution` for the details and the fal
 
 The subpackage, one job per file: ``boxes.py`` (the decomposition), ``plan.py`` (where
 each box reads, per input size), ``memory.py`` (layout copies, scratch buffers),
-``reference.py`` and ``fused.py`` (the box paths), ``paths.py`` (every path, by name),
-``choose.py`` (the rules), ``auto.py`` (the timing of ``"auto"``) and ``execution.py``
-(what ``apply_mask`` records). The rest of maskparam imports only this module.
+``reference.py`` and ``fused.py`` (the box paths), ``build.py`` (compiling and caching
+``tapconv.c``), ``kernel.py`` (the tap kernel as an op, and when it takes a call),
+``paths.py`` (every path, by name), ``choose.py`` (the rules), ``auto.py`` (what
+``"auto"`` times, and how) and ``execution.py`` (what ``apply_mask`` records, which times
+``"auto"``'s candidates). The rest of maskparam imports only this module.
 """
 
 from __future__ import annotations
@@ -47,13 +49,13 @@ from maskparam.taps.execution import (
     Explanation,
     TapExecution,
     _replan_after_load,
-    empty_cache,
     explain,
-    kernel_status,
     prepare,
     unwatch,
     watch,
 )
+from maskparam.taps.kernel import kernel_status
+from maskparam.taps.memory import empty_cache
 from maskparam.taps.paths import run_boxes
 
 __all__ = [
@@ -76,7 +78,7 @@ __all__ = [
 ]
 
 # Pickles name these by this module, whatever file defines them, as maskparam 0.1.0 did:
-# the file layout inside the subpackage can change without breaking saved models.
+# the files inside the subpackage can change without breaking saved models.
 for _public in (Box, TapExecution, _replan_after_load):
     _public.__module__ = __name__
 

@@ -2,13 +2,16 @@
 
 Each :class:`Rule` names a condition, the path it leads to (one of
 :data:`~maskparam.taps.paths.PATHS`) and why; :data:`RULES` lists them in order, and
-:func:`choose` walks the list. :func:`maskparam.taps.explain` shows the rule a call meets.
+:func:`choose` walks the list. The choice is a function of the layer, the input and what
+the layer recorded (its boxes, and the choice ``execution="auto"`` timed): it never times,
+decomposes a mask or writes anything. :func:`maskparam.taps.explain` shows the rule a call
+meets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -18,27 +21,44 @@ from maskparam.parametrizations import FixedMask
 from maskparam.taps import auto
 from maskparam.taps import kernel as tap_kernel
 from maskparam.taps.boxes import Box
-from maskparam.taps.memory import is_channels_last
-from maskparam.taps.plan import box_plan, count, geometry, lift
+from maskparam.taps.plan import box_call, count
 
-__all__ = ["RULES", "Call", "Choice", "Plan", "Rule", "box_path", "choose", "outermost"]
+__all__ = [
+    "AUTO_PENDING",
+    "RULES",
+    "Call",
+    "Choice",
+    "Recorded",
+    "Rule",
+    "box_path",
+    "choose",
+    "outermost",
+    "tracing",
+]
 
 _DEVICES = ("cpu", "cuda")
 
 
-class Plan(Protocol):
-    """What :class:`~maskparam.taps.TapExecution` gives the rules."""
+class Recorded(Protocol):
+    """What a layer recorded (a :class:`~maskparam.taps.TapExecution`), as the rules read it."""
 
-    mode: str
-    boxes: tuple[Box, ...] | None
-    tap_boxes: tuple[Box, ...]
-    reason: str | None
-    _choices: dict[tuple[Any, ...], str]
+    @property
+    def mode(self) -> str: ...  # noqa: D102
+
+    @property
+    def boxes(self) -> tuple[Box, ...] | None: ...  # noqa: D102
+
+    @property
+    def tap_boxes(self) -> tuple[Box, ...]: ...  # noqa: D102
+
+    @property
+    def reason(self) -> str | None: ...  # noqa: D102
 
     @property
     def active_fraction(self) -> float: ...  # noqa: D102
 
-    def refresh(self, module: nn.Module, mask: Tensor) -> None: ...  # noqa: D102
+    def chosen(self, signature: tuple[Any, ...]) -> str | None:
+        """``execution="auto"``'s recorded choice for calls of this signature, or None."""
 
 
 class Choice(NamedTuple):
@@ -59,11 +79,10 @@ class Call:
         input: Its input.
         weight: The masked weight.
         bias: The bias or None.
-        plan: The recorded execution, or None for a call of
+        recorded: What the layer recorded, or None for a call of
             :func:`~maskparam.taps.run_boxes` with ``boxes``.
-        boxes: The boxes when ``plan`` is None.
-        run: Runs ``"dense"``, ``"dense_cl"`` or ``"taps"``, for the timing of ``"auto"``.
-        mode: ``"taps"`` or ``"auto"``; by default the plan's.
+        boxes: The boxes when ``recorded`` is None.
+        mode: ``"taps"`` or ``"auto"``; by default the recorded one.
     """
 
     def __init__(
@@ -72,67 +91,88 @@ class Call:
         input: Tensor,
         weight: Tensor,
         bias: Tensor | None,
-        plan: Plan | None,
+        recorded: Recorded | None = None,
         boxes: tuple[Box, ...] | None = None,
-        run: auto.Runner | None = None,
         mode: str | None = None,
     ) -> None:
         self.module, self.input, self.weight, self.bias = module, input, weight, bias
-        self.plan, self.run = plan, run
-        self.mode = mode or ("taps" if plan is None else plan.mode)
+        self.recorded = recorded
+        self.mode = mode or ("taps" if recorded is None else recorded.mode)
         self.compiling = torch.compiler.is_compiling()
         self.device = input.device.type
         self._given = boxes
-        self._boxes: tuple[Box, ...] | None = None
-        self._planned = False
-        self._auto: str | None = None
         self._kernel: tuple[tuple[Box, ...] | None, bool] | None = None
+        self._memo: dict[str, Any] = {}  # not functools.cached_property: dynamo traces no lock
 
+    def _once(self, name: str, compute: Callable[[], Any]) -> Any:
+        if name not in self._memo:
+            self._memo[name] = compute()
+        return self._memo[name]
+
+    @property
     def boxes(self) -> tuple[Box, ...] | None:
-        """The boxes to run: the plan's, re-planned first if the mask changed.
+        """The boxes to run: the recorded ones, or those given.
 
         For a mask too fragmented for boxes that the kernel takes: its taps one by one.
         """
-        if self._planned:
-            return self._boxes
-        self._planned = True
-        if self.plan is None:
-            self._boxes = self._given
-            return self._boxes
-        if not self.compiling:
-            self.plan.refresh(self.module, cast(Tensor, outermost(self.module).mask))
-        self._boxes = self.plan.boxes
-        if self._boxes is None and not self.compiling and self.kernel_takes(self.plan.tap_boxes):
-            self._boxes = self.plan.tap_boxes  # too fragmented for boxes; the kernel takes it
-        return self._boxes
+        boxes: tuple[Box, ...] | None = self._once("boxes", self._boxes)
+        return boxes
+
+    def _boxes(self) -> tuple[Box, ...] | None:
+        if self.recorded is None:
+            return self._given
+        boxes = self.recorded.boxes
+        if boxes is None and not self.compiling and self.kernel_takes(self.recorded.tap_boxes):
+            return self.recorded.tap_boxes  # too fragmented for boxes; the kernel takes it
+        return boxes
 
     def kernel_takes(self, boxes: tuple[Box, ...] | None) -> bool:
-        """Whether the tap kernel runs this call with ``boxes``."""
+        """Whether the tap kernel runs this call with ``boxes`` (:func:`.kernel.takes`)."""
         if self._kernel is None or self._kernel[0] is not boxes:
             self._kernel = (boxes, self._kernel_takes(boxes))
         return self._kernel[1]
 
     def _kernel_takes(self, boxes: tuple[Box, ...] | None) -> bool:
-        # The kernel computes "same"-sized planes of unpadded input: zeros padding only.
-        if not boxes or self.module.padding_mode != "zeros":
+        if not boxes or not tap_kernel.layer_takes(self.module, self.weight):
             return False
-        x, w = lift(self.input, self.weight)
-        one_d = self.weight.dim() == 3
-        geo = geometry(self.module, one_d)
-        plan_of = box_plan.__wrapped__ if self.compiling else box_plan  # cached in eager mode
-        out_size = plan_of(boxes, geo, tuple(x.shape[2:]), tuple(w.shape[2:]), one_d).out_size
-        out_cl = not one_d and (is_channels_last(x) or is_channels_last(self.weight))
-        return tap_kernel.applies(
-            x, w, self.bias, geo.stride, geo.groups, out_size, out_cl, count(boxes)
+        call = box_call(self.module, self.input, self.weight, boxes)
+        return tap_kernel.takes(
+            self.module, call.x, call.w, self.bias, count(boxes), call.plan.out_size, call.out_cl
         )
 
+    @property
+    def needs_grad(self) -> bool:
+        """Whether the call records a graph: gradients are enabled and wanted."""
+        return torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (self.input, self.weight, self.bias)
+        )
+
+    @property
+    def signature(self) -> tuple[Any, ...]:
+        """What ``execution="auto"``'s choice depends on besides the layer."""
+        return auto.signature(self.input, self.needs_grad)
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """The paths ``execution="auto"`` times for this call."""
+        active = 1.0 if self.recorded is None else self.recorded.active_fraction
+        return auto.candidates(self.module, self.input, active)
+
+    @property
     def auto(self) -> str | None:
-        """``execution="auto"``'s measured choice for calls like this, None for ``"taps"``."""
-        if self.mode != "auto":
-            return None
-        if self._auto is None:
-            self._auto = _auto_choice(self)
-        return self._auto
+        """``execution="auto"``'s choice: ``"dense"``, ``"dense_cl"`` or ``"taps"``.
+
+        The recorded one; else dense where there is nothing to time, or under
+        :func:`torch.compile` (which times nothing); else None: not timed yet.
+        """
+        choice: str | None = self._once("auto", self._auto)
+        return choice
+
+    def _auto(self) -> str | None:
+        chosen = None if self.recorded is None else self.recorded.chosen(self.signature)
+        if chosen is None and (self.compiling or self.candidates == ("dense",)):
+            return "dense"
+        return chosen
 
 
 class Rule(NamedTuple):
@@ -145,10 +185,17 @@ class Rule(NamedTuple):
     warns: bool = False  # a fallback to dense that execution="taps" warns about
 
 
-def _tracing(c: Call) -> bool:
-    # torch.jit.trace and the TorchScript ONNX exporter record tensor ops only: no autograd
-    # Function, no ctypes call, no data-dependent plan. Dense is what they can record.
-    if c.compiling:
+AUTO_PENDING = "auto: not timed"
+"""The rule of a call ``execution="auto"`` has yet to time; its layer times it next."""
+
+
+def tracing() -> bool:
+    """Whether :func:`torch.jit.trace` or the TorchScript ONNX exporter is recording.
+
+    They record tensor ops only: no autograd Function, no ctypes call, no data-dependent
+    boxes. Dense is what they can record.
+    """
+    if torch.compiler.is_compiling():
         return False
     return bool(torch.jit.is_tracing()) or torch.onnx.is_in_onnx_export()  # type: ignore[attr-defined, no-untyped-call]
 
@@ -157,7 +204,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "tracing",
         "dense",
-        _tracing,
+        lambda c: tracing(),
         lambda c: "torch.jit.trace and torch.onnx.export record the dense convolution",
     ),
     Rule(
@@ -192,7 +239,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "parametrization",
         "dense",
-        lambda c: c.plan is not None and not isinstance(outermost(c.module), FixedMask),
+        lambda c: c.recorded is not None and not isinstance(outermost(c.module), FixedMask),
         lambda c: (
             "another parametrization comes after the mask, so masked taps need not be zero "
             "in the weight"
@@ -202,17 +249,17 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "no taps",
         "dense",
-        lambda c: c.boxes() == (),
+        lambda c: c.boxes == (),
         lambda c: "the mask has no active tap",
         warns=True,
     ),
     Rule(
         "fragmented",
         "dense",
-        lambda c: c.boxes() is None,
+        lambda c: c.boxes is None,
         lambda c: (
-            c.plan.reason
-            if c.plan is not None and c.plan.reason
+            c.recorded.reason
+            if c.recorded is not None and c.recorded.reason
             else "its active taps need too many boxes"
         ),
         warns=True,
@@ -220,16 +267,25 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "auto: dense",
         "dense",
-        lambda c: c.auto() == "dense",
+        lambda c: c.mode == "auto" and c.auto == "dense",
         lambda c: (
             "execution='auto' keeps dense for this input: "
             + ("no timing under torch.compile" if c.compiling else "no path was clearly faster")
         ),
     ),
     Rule(
+        AUTO_PENDING,
+        "dense",
+        lambda c: c.mode == "auto" and c.auto is None,
+        lambda c: (
+            "execution='auto' has not timed calls like this one yet: the layer's next call "
+            "times the candidates and keeps the fastest"
+        ),
+    ),
+    Rule(
         "auto: dense_cl",
         "dense_cl",
-        lambda c: c.auto() == "dense_cl",
+        lambda c: c.mode == "auto" and c.auto == "dense_cl",
         lambda c: "execution='auto' measured dense in channels-last layout fastest",
     ),
     Rule(
@@ -256,17 +312,14 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "kernel under compile",
         "kernel_op",
-        lambda c: c.compiling and c.kernel_takes(c.boxes()),
+        lambda c: c.compiling and c.kernel_takes(c.boxes),
         lambda c: "the tap kernel takes the call; under torch.compile, as one custom op",
     ),
     Rule(
         "kernel",
         "kernel",
-        lambda c: c.kernel_takes(c.boxes()),
-        lambda c: (
-            "the tap kernel takes the call: CPU, float32, stride 1, one group, contiguous "
-            "input, output planes the size of the input's"
-        ),
+        lambda c: c.kernel_takes(c.boxes),
+        lambda c: f"the tap kernel takes the call: {tap_kernel.CONDITIONS}",
     ),
     Rule(
         "compiling",
@@ -291,7 +344,7 @@ def choose(call: Call) -> Choice:
     """The path for ``call``: that of the first rule in :data:`RULES` that holds."""
     for rule in RULES:
         if rule.holds(call):
-            boxes = call.boxes() if rule.path not in ("dense", "dense_cl") else ()
+            boxes = call.boxes if rule.path not in ("dense", "dense_cl") else ()
             return Choice(rule.path, boxes or (), rule.name, rule.why(call), rule.warns)
     raise AssertionError("the last rule always holds")  # pragma: no cover
 
@@ -304,7 +357,7 @@ def box_path(
     boxes: tuple[Box, ...],
 ) -> str:
     """The box path :func:`choose` takes for boxes given directly (dense rules aside)."""
-    call = Call(module, input, weight, bias, None, boxes)
+    call = Call(module, input, weight, bias, boxes=boxes)
     for rule in RULES:
         if rule.path not in ("dense", "dense_cl") and rule.holds(call):
             return rule.path
@@ -314,40 +367,3 @@ def box_path(
 def outermost(module: nn.Module) -> nn.Module:
     """The last parametrization of ``module.weight``: the one that gives the weight."""
     return _checks.parametrizations_of(module, "weight")[-1]
-
-
-def _auto_choice(c: Call) -> str:
-    """``"dense"``, ``"dense_cl"`` or ``"taps"``: measured once per kind of call."""
-    assert c.plan is not None
-    module, input, weight, bias = c.module, c.input, c.weight, c.bias
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias)
-    )
-    signature = auto.signature(input, needs_grad, is_channels_last(input))
-    if c.compiling:
-        # No timing inside a trace: the choice eager mode made for this input, or dense.
-        return c.plan._choices.get(signature, "dense")
-    key = (
-        signature,
-        type(module).__name__,
-        tuple(weight.shape),
-        is_channels_last(weight),
-        bias is not None,
-        module.stride,
-        module.padding,
-        module.dilation,
-        module.groups,
-        module.padding_mode,
-        c.boxes(),
-        torch.get_num_threads(),
-    )
-    candidates = ["dense"]
-    batched = input.dim() == len(module.kernel_size) + 2
-    if batched and len(module.kernel_size) >= 2 and not is_channels_last(input):
-        candidates.append("dense_cl")
-    if c.plan.active_fraction <= auto.MAX_ACTIVE:
-        candidates.append("taps")
-    assert c.run is not None
-    choice = auto.decide(key, candidates, c.run, input, weight, bias, needs_grad)
-    c.plan._choices[signature] = choice
-    return choice

@@ -1,8 +1,10 @@
 """The execution recorded on a conv: :class:`TapExecution`, and what apply_mask calls.
 
-:func:`prepare` validates ``execution=`` and plans it; :func:`watch` re-plans after
-``load_state_dict``. Each forward asks :func:`~maskparam.taps.choose.choose` for its path
-and runs it (:mod:`maskparam.taps.paths`); :func:`explain` says which path, and why.
+:func:`prepare` validates ``execution=`` and decomposes the mask; :func:`watch` decomposes
+it again after ``load_state_dict``. Each forward asks :func:`~maskparam.taps.choose.choose`
+for its path and runs it (:mod:`maskparam.taps.paths`); for ``execution="auto"`` it first
+times the candidates of a kind of call it has not seen (:mod:`maskparam.taps.auto`) and
+records the fastest. :func:`explain` says which path, and why, and never times anything.
 """
 
 from __future__ import annotations
@@ -18,20 +20,18 @@ from torch import Tensor, nn
 
 from maskparam import _checks, _compat, _forward
 from maskparam._forward import BIAS_MODE_ATTR, EXECUTION_ATTR
+from maskparam.taps import auto, paths
 from maskparam.taps import kernel as tap_kernel
-from maskparam.taps import paths
 from maskparam.taps.boxes import MAX_BOXES, Box, decompose, spatial_support
-from maskparam.taps.choose import Call, choose, outermost
-from maskparam.taps.memory import SCRATCH
+from maskparam.taps.choose import AUTO_PENDING, Call, Choice, choose, outermost, tracing
+from maskparam.taps.memory import is_channels_last
 
 __all__ = [
     "EXECUTIONS",
     "Execution",
     "Explanation",
     "TapExecution",
-    "empty_cache",
     "explain",
-    "kernel_status",
     "prepare",
     "unwatch",
     "watch",
@@ -44,14 +44,15 @@ EXECUTIONS: tuple[str, ...] = get_args(Execution)
 
 
 class TapExecution:
-    """What ``apply_mask(..., execution=...)`` records on a conv: the mode and its plan.
+    """What ``apply_mask(..., execution=...)`` records on a conv: the mode and the boxes.
 
-    The plan is the :func:`decompose` of the mask's :func:`spatial_support`. It is rebuilt
-    when the mask changes (:func:`~maskparam.set_mask`, ``load_state_dict``, ``.to()``, an
-    in-place edit of the mask buffer), so it never goes stale, and it pickles and
-    deep-copies with the module. Under :func:`torch.compile` the plan is part of the
-    compiled code: ``set_mask`` and ``load_state_dict`` make torch recompile, but an in-place
-    edit of the mask buffer is seen only after the next call outside the compiled code.
+    The boxes are the :func:`decompose` of the mask's :func:`spatial_support`. They are
+    decomposed again when the mask changes (:func:`~maskparam.set_mask`,
+    ``load_state_dict``, ``.to()``, an in-place edit of the mask buffer), so they never go
+    stale, and they pickle and deep-copy with the module. Under :func:`torch.compile` they
+    are part of the compiled code: ``set_mask`` and ``load_state_dict`` make torch
+    recompile, but an in-place edit of the mask buffer is seen only after the next call
+    outside the compiled code.
 
     Paths, per forward:
 
@@ -64,8 +65,9 @@ class TapExecution:
     - ``"auto"``: the first forward for each input shape, dtype, device, layout and grad
       mode times dense, dense in channels-last layout, and the taps (forward, plus
       backward when gradients are needed), a warm-up and three interleaved rounds each on
-      the actual input, and keeps the fastest; dense unless another takes at most 90% of
-      its time. Under :func:`torch.compile` it uses that cached choice, or dense.
+      the actual input (:meth:`time`), and records the fastest; dense unless another
+      takes at most 90% of its time. The choice of path only reads that record: under
+      :func:`torch.compile` it uses the recorded choice, or dense.
 
     Cases neither covers run dense, with a warning when ``"taps"`` was asked for: a mask
     with no active tap, or one that needs more than :data:`MAX_BOXES` boxes where the tap
@@ -81,16 +83,16 @@ class TapExecution:
 
     Example:
         >>> import torch
-        >>> plan = TapExecution("taps", torch.tensor([True, False, True]))
-        >>> plan.boxes
+        >>> execution = TapExecution("taps", torch.tensor([True, False, True]))
+        >>> execution.boxes
         (Box(start=(0,), count=(2,), step=(2,)),)
     """
 
     def __init__(self, mode: str, support: Tensor) -> None:
         self.mode = mode
-        self._plan(support)
+        self._decompose(support)
 
-    def _plan(self, support: Tensor) -> None:
+    def _decompose(self, support: Tensor) -> None:
         self.support = support
         self.boxes = decompose(support)
         self.reason: str | None = None
@@ -110,36 +112,33 @@ class TapExecution:
             self.reason = "the mask has no active tap"
         self._seen: weakref.ref[Tensor] | None = None
         self._seen_version = -1
-        # "auto": the path chosen per input signature, for use under torch.compile.
+        # "auto": the path timed fastest, per input signature (see auto.signature).
         self._choices: dict[tuple[Any, ...], str] = {}
 
-    def replanned(
+    def for_mask(
         self, module: nn.Module, mask: Tensor, weight_shape: Sequence[int]
     ) -> TapExecution:
-        """A plan of the same mode for a new ``mask``; warns as :func:`prepare` does."""
-        plan = TapExecution(self.mode, spatial_support(mask, weight_shape))
-        if plan.reason is not None and self.mode == "taps" and not plan.kernel_may_run(module):
-            _warn_fallback(module, plan.reason)
-        return plan
+        """The execution of the same mode for a new ``mask``; warns as :func:`prepare` does."""
+        execution = TapExecution(self.mode, spatial_support(mask, weight_shape))
+        execution._warn_if_dense(module)
+        return execution
 
-    def kernel_may_run(self, module: nn.Module) -> bool:
-        """Whether a mask too fragmented for boxes may still run in the tap kernel.
-
-        True if the layer's options and weight suit the kernel; whether it runs is then
-        up to each call's input.
-        """
+    def _warn_if_dense(self, module: nn.Module) -> None:
+        """Warn if ``"taps"`` runs dense whatever the input: no boxes, and no kernel either."""
         weight = getattr(module, "weight", None)
-        return (
-            bool(self.tap_boxes)
-            and isinstance(module, _compat.ConvNd)
+        if self.reason is None or self.mode != "taps":
+            return
+        if (
+            self.tap_boxes
             and isinstance(weight, Tensor)
-            and weight.device.type == "cpu"
-            and weight.dtype == torch.float32
-            and module.groups == 1
-            and all(s == 1 for s in module.stride)
-            and module.padding_mode == "zeros"
-            and tap_kernel.library() is not None
-        )
+            and tap_kernel.layer_takes(module, weight)
+        ):
+            return  # too fragmented for boxes: the kernel may take it, call by call
+        _warn_fallback(module, self.reason)
+
+    def chosen(self, signature: tuple[Any, ...]) -> str | None:
+        """``execution="auto"``'s recorded choice for calls of ``signature``, or None."""
+        return self._choices.get(signature)
 
     @property
     def active_fraction(self) -> float:
@@ -155,7 +154,7 @@ class TapExecution:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if "tap_boxes" not in state:  # pickled by maskparam 0.1.0, before the tap kernel
-            self._plan(self.support)
+            self._decompose(self.support)
 
     def __repr__(self) -> str:
         n = "none" if self.boxes is None else len(self.boxes)
@@ -165,7 +164,7 @@ class TapExecution:
         )
 
     def refresh(self, module: nn.Module, mask: Tensor) -> None:
-        """Re-plan if ``mask`` is not the tensor, or version, the plan was checked against."""
+        """Decompose ``mask`` again if it is not the tensor, or version, last seen."""
         seen = self._seen() if self._seen is not None else None
         if seen is mask and self._seen_version == _compat.tensor_version(mask):
             return
@@ -173,7 +172,7 @@ class TapExecution:
         weight_shape = cast(Tensor, chain.original).shape
         support = spatial_support(mask, weight_shape)
         if not torch.equal(support, self.support):
-            self._plan(support)
+            self._decompose(support)
         self._seen = weakref.ref(mask)
         self._seen_version = _compat.tensor_version(mask)
 
@@ -181,18 +180,86 @@ class TapExecution:
         self, module: _compat.ConvNd, input: Tensor, weight: Tensor, bias: Tensor | None
     ) -> Tensor:
         """The layer's ``_conv_forward`` under this execution."""
-        run = functools.partial(_run_candidate, module, self)
-        choice = choose(Call(module, input, weight, bias, self, run=run))
+        call, choice = self._choose(module, input, weight, bias)
+        if (
+            choice.rule in _AUTO_RULES
+            and not call.compiling
+            and self.chosen(call.signature) is None
+        ):
+            self.time(call)
+            call, choice = self._choose(module, input, weight, bias)
         if choice.warns and self.mode == "taps":
             _warn_fallback(module, choice.reason)
         return paths.run(choice.path, module, input, weight, bias, choice.boxes)
 
+    def _choose(
+        self, module: _compat.ConvNd, input: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> tuple[Call, Choice]:
+        """The path of ``module(input)``, the boxes brought up to date with the mask first.
+
+        Not while torch traces (the boxes are part of the compiled code, or of none), nor
+        where the calls run dense whatever the boxes: a mask on the meta device, which has
+        no values, or another parametrization after the mask.
+        """
+        mask = getattr(outermost(module), "mask", None)
+        tracing_ = torch.compiler.is_compiling() or tracing()
+        if not tracing_ and isinstance(mask, Tensor) and not mask.is_meta:
+            self.refresh(module, mask)
+        call = Call(module, input, weight, bias, self)
+        return call, choose(call)
+
+    def time(self, call: Call) -> str:
+        """Time ``"auto"``'s candidates for calls like ``call``; record and return the fastest.
+
+        A warm-up and three interleaved rounds of each on the actual input, once per kind of
+        call: identical layers share the verdict (:func:`.auto.decide`).
+        """
+        module, weight, bias = call.module, call.weight, call.bias
+        key = (
+            call.signature,
+            type(module).__name__,
+            tuple(weight.shape),
+            is_channels_last(weight),
+            bias is not None,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.padding_mode,
+            call.boxes,
+            torch.get_num_threads(),
+        )
+        run = functools.partial(self._run_candidate, module)
+        choice = auto.decide(
+            key, call.candidates, auto.Trial(run, call.input, weight, bias, call.needs_grad)
+        )
+        self._choices[call.signature] = choice
+        return choice
+
+    def _run_candidate(
+        self,
+        module: _compat.ConvNd,
+        candidate: str,
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+    ) -> Tensor:
+        """Run one of "auto"'s candidates: ``"dense"``, ``"dense_cl"`` or ``"taps"``."""
+        if candidate != "taps":
+            return paths.run(candidate, module, input, weight, bias, ())
+        choice = choose(Call(module, input, weight, bias, self, mode="taps"))
+        return paths.run(choice.path, module, input, weight, bias, choice.boxes)
+
+
+_AUTO_RULES = ("auto: dense", AUTO_PENDING)
+"""The rules an "auto" call meets before it is timed: dense, for now."""
+
 
 def watch(module: nn.Module) -> None:
-    """Re-plan ``module`` whenever ``load_state_dict`` runs, which may bring a new mask.
+    """Decompose the mask again whenever ``load_state_dict`` runs, which may bring a new one.
 
-    The forward re-plans too, but not under :func:`torch.compile`, where the plan is part
-    of the compiled code: replacing the plan after a load makes torch recompile.
+    The forward does too, but not under :func:`torch.compile`, where the boxes are part of
+    the compiled code: replacing them after a load makes torch recompile.
     """
     hooks = _compat.load_state_dict_post_hooks(module)
     if not any(hook is _replan_after_load for hook in hooks.values()):
@@ -206,44 +273,8 @@ def unwatch(module: nn.Module) -> None:
         del hooks[key]
 
 
-def empty_cache() -> None:
-    """Free the buffers that ``execution="taps"`` keeps between calls on the CPU.
-
-    With an input or gradient that is not channels-last, the taps path needs a few
-    temporaries the size of a layer's input or output. It keeps the largest few (at most
-    six) for the next call, because writing to freshly allocated large buffers costs a page
-    fault every 4 KiB. They are freed by this, or taken up again by the next call.
-
-    Example:
-        >>> from maskparam.apply import apply_mask
-        >>> from maskparam.masks import cross
-        >>> conv = apply_mask(nn.Conv3d(16, 16, 3, padding=1), cross(3, ndim=3), execution="taps")
-        >>> conv(torch.randn(1, 16, 8, 8, 8)).shape
-        torch.Size([1, 16, 8, 8, 8])
-        >>> empty_cache()
-    """
-    SCRATCH.clear()
-
-
-def kernel_status() -> str:
-    """``"ready (<isa>)"`` if the tap kernel runs here, else why not; builds it if need be.
-
-    The kernel needs a CPU with AVX-512, AVX2 and FMA (x86-64) or NEON (ARM64), and a C
-    compiler (``$CC``, else ``cc``); it is compiled once per instruction set, at its first
-    use, into a private cache (``$MASKPARAM_CACHE_DIR``, by default ``~/.cache/maskparam``),
-    in about a second, and a cached library is loaded only if maskparam can trust it.
-    ``MASKPARAM_TAP_KERNEL=0`` switches it off and ``MASKPARAM_TAP_ISA`` forces an
-    instruction set. Without it, ``execution="taps"`` runs the boxes: the same results, more
-    slowly.
-
-    Example:
-        >>> kernel_status()  # doctest: +SKIP
-        'ready (avx512)'
-    """
-    return tap_kernel.status()
-
-
 def _replan_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    # Saved models name this hook: its name stays.
     execution = module.__dict__.get(EXECUTION_ATTR)
     mask = getattr(outermost(module), "mask", None)
     if isinstance(execution, TapExecution) and isinstance(mask, Tensor):
@@ -253,7 +284,9 @@ def _replan_after_load(module: nn.Module, incompatible_keys: Any) -> None:
 def prepare(
     module: nn.Module, mask: Tensor, name: str, execution: Any, bias_mode: str = "keep"
 ) -> TapExecution | None:
-    """Validate ``execution`` for :func:`~maskparam.apply_mask` and plan it; change nothing.
+    """Validate ``execution`` for :func:`~maskparam.apply_mask` and decompose the mask.
+
+    Changes nothing: the caller records what it returns.
 
     Args:
         module: The module about to be masked.
@@ -273,8 +306,7 @@ def prepare(
         UserWarning: If ``execution="taps"`` cannot apply to this module, which runs dense.
 
     Example:
-        >>> plan = prepare(nn.Conv1d(1, 1, 5), torch.tensor([1, 0, 1, 0, 1]), "weight", "taps")
-        >>> plan
+        >>> prepare(nn.Conv1d(1, 1, 5), torch.tensor([1, 0, 1, 0, 1]), "weight", "taps")
         TapExecution(mode='taps', active=3/5, boxes=1)
         >>> prepare(nn.Conv1d(1, 1, 5), torch.ones(5), "weight", "dense") is None
         True
@@ -304,25 +336,9 @@ def prepare(
     if weight.device.type == "cpu" and weight.dtype == torch.float32:
         # Build (or load) the tap kernel now, in eager mode, not inside a torch.compile trace.
         tap_kernel.library()
-    plan = TapExecution(execution, spatial_support(mask, weight.shape))
-    if plan.reason is not None and execution == "taps" and not plan.kernel_may_run(module):
-        _warn_fallback(module, plan.reason)
-    return plan
-
-
-def _run_candidate(
-    module: _compat.ConvNd,
-    plan: TapExecution,
-    candidate: str,
-    input: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-) -> Tensor:
-    """Run one of "auto"'s candidates: ``"dense"``, ``"dense_cl"`` or ``"taps"``."""
-    if candidate != "taps":
-        return paths.run(candidate, module, input, weight, bias, ())
-    choice = choose(Call(module, input, weight, bias, plan, mode="taps"))
-    return paths.run(choice.path, module, input, weight, bias, choice.boxes)
+    recorded = TapExecution(execution, spatial_support(mask, weight.shape))
+    recorded._warn_if_dense(module)
+    return recorded
 
 
 def _warn_fallback(module: nn.Module, reason: str) -> None:
@@ -360,9 +376,10 @@ def explain(module: nn.Module, input: Tensor) -> Explanation:
     (the same as a custom op, under :func:`torch.compile`), ``"fused"`` (the boxes on the
     CPU with a hand-written backward) and ``"reference"`` (the boxes as ordinary torch
     operations). It comes from the first rule of :data:`~maskparam.taps.choose.RULES` that
-    holds. For ``execution="auto"``, the first call of a kind measures the candidates, as
-    the forward would, and the layer then keeps that choice. The grad mode counts: call it
-    as you call the layer.
+    holds. It never times anything: for ``execution="auto"`` it reads the choice the layer
+    recorded for such an input, and before the layer has timed one it says so (rule
+    ``"auto: not timed"``; the layer's next call times the candidates). The grad mode
+    counts: call it as you call the layer.
 
     Args:
         module: Any module; a conv masked with ``execution="taps"``/``"auto"`` says most.
@@ -390,9 +407,7 @@ def explain(module: nn.Module, input: Tensor) -> Explanation:
         return Explanation(
             "dense", "execution", "execution='dense' (the default): the layer's own convolution"
         )
-    weight, bias = module.weight, module.bias
-    run = functools.partial(_run_candidate, module, execution)
-    choice = choose(Call(module, input, weight, bias, execution, run=run))
+    _, choice = execution._choose(module, input, module.weight, module.bias)
     return Explanation(choice.path, choice.rule, choice.reason)
 
 
@@ -403,7 +418,7 @@ def _conv_forward(
     execution = module.__dict__.get(EXECUTION_ATTR)
     if isinstance(execution, TapExecution):
         return execution.forward(module, input, weight, bias)
-    return paths.dense(module, input, weight, bias)
+    return _forward.dense_forward(module, input, weight, bias)
 
 
 _forward.register(EXECUTION_ATTR, _conv_forward)

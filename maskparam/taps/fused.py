@@ -7,8 +7,8 @@ layout once each, and the backward adds the boxes' input gradients straight into
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,20 +23,21 @@ from maskparam.taps.memory import (
     to_channels_last_scratch,
 )
 from maskparam.taps.plan import BoxPlan, Step
-from maskparam.taps.reference import composite_grads
+from maskparam.taps.reference import CONV, double_backward
 
 __all__ = ["FusedBoxes"]
 
-_CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # stride, padding, dilation
+class ConvArgs(NamedTuple):
+    """Stride, padding and dilation of one convolution that a step runs."""
 
-Composite = Callable[[Tensor, Tensor, "Tensor | None", BoxPlan, bool], Tensor]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
 
 
-def _conv_add(out: Tensor, x: Tensor, w: Tensor, geometry: Geometry, groups: int) -> None:
-    stride, padding, dilation = geometry
-    _compat.conv_add_(out, x, w, stride, padding, dilation, groups)
+def _conv_add(out: Tensor, x: Tensor, w: Tensor, args: ConvArgs, groups: int) -> None:
+    _compat.conv_add_(out, x, w, args.stride, args.padding, args.dilation, groups)
 
 
 class FusedBoxes(torch.autograd.Function):
@@ -48,12 +49,12 @@ class FusedBoxes(torch.autograd.Function):
     the boxes' input gradients, transposed convolutions, straight into one sum, and runs
     each box's weight gradient on the view the conv library is fastest on (or, for a box
     one tap high and wide, as matrix products). Temporaries that change layout afterwards
-    live in ``SCRATCH``. A double backward differentiates the ordinary-operations version
-    (``composite``) instead.
+    live in ``SCRATCH``. A double backward differentiates the reference path
+    (:func:`~maskparam.taps.reference.double_backward`) instead.
 
-    Apply as ``FusedBoxes.apply(x, w, bias, layout, out_cl, composite)``: the batched
-    (padded, lifted) input, the masked weight, the bias or None, the plan, whether the
-    output is channels-last, and the ordinary-operations version to differentiate twice.
+    Apply as ``FusedBoxes.apply(x, w, bias, plan, out_cl)``: the batched (padded, lifted)
+    input, the masked weight, the bias or None, the box plan, and whether the output is
+    channels-last.
     """
 
     # The ctx-first form: a separate setup_context makes every call bind its signature.
@@ -63,35 +64,33 @@ class FusedBoxes(torch.autograd.Function):
         x: Tensor,
         w: Tensor,
         bias: Tensor | None,
-        layout: BoxPlan,
+        plan: BoxPlan,
         out_cl: bool,
-        composite: Composite,
     ) -> Tensor:
-        ctx.layout, ctx.out_cl, ctx.composite = layout, out_cl, composite
+        ctx.plan, ctx.out_cl = plan, out_cl
+        groups = plan.geometry.groups
         x_cl = x.contiguous(memory_format=memory_format(x, True))
         ctx.save_for_backward(x, w, bias, None if x_cl is x else x_cl)
         y: Tensor | None = None
         own_y = not out_cl and _compat.can_add_conv_in_place(x)
         if own_y:  # the sum is a temporary: a scratch buffer holding the bias, or zeros
-            y = SCRATCH.take(
-                (x.shape[0], w.shape[0], *layout.out_size), x.dtype, channels_last=True
-            )
+            y = SCRATCH.take((x.shape[0], w.shape[0], *plan.out_size), x.dtype, channels_last=True)
             if bias is None:
                 y.zero_()
             else:
-                y.copy_(bias.view(-1, *[1] * len(layout.out_size)).expand(y.shape[1:]))
-        for step in layout.steps:
-            src = _fold_view(step, _read_window(step, x_cl, layout.pad))
+                y.copy_(bias.view(-1, *[1] * len(plan.out_size)).expand(y.shape[1:]))
+        for step in plan.steps:
+            src = _fold_view(step, _read_window(step, x_cl, plan.pad))
             w_box = _box_weight(step, w)
-            geometry = _step_geometry(step, layout)
+            args = _step_args(step, plan)
             if y is None:
-                part = _CONV[src.dim() - 2](src, w_box, bias, *geometry, layout.groups)
-                y = _unfold(step, part, (x.shape[0], w.shape[0], *layout.out_size))
+                part = CONV[src.dim() - 2](src, w_box, bias, *args, groups)
+                y = _unfold(step, part, (x.shape[0], w.shape[0], *plan.out_size))
                 # Channels-last, so that every later box adds into a view of it (the conv
                 # of some dtypes, such as float64, gives a contiguous output).
                 y = copy_layout(y, True)
             else:
-                _conv_add(_fold_view(step, y), src, w_box, geometry, layout.groups)
+                _conv_add(_fold_view(step, y), src, w_box, args, groups)
             del src  # a window, perhaps: free it before the next box makes its own
         assert y is not None
         out = copy_layout(y, out_cl)
@@ -104,10 +103,12 @@ class FusedBoxes(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         x, w, bias, saved_cl = ctx.saved_tensors
-        layout: BoxPlan = ctx.layout
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        plan: BoxPlan = ctx.plan
+        needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph: a graph of the gradients is wanted
-            return composite_grads(ctx, grad, x, w, bias)
+            return (*double_backward(plan, ctx.out_cl, needs, grad, x, w, bias), None, None)
+        need_x, need_w, need_b = needs
+        groups = plan.geometry.groups
         x_cl = x if saved_cl is None else saved_cl
         g, own_g = to_channels_last_scratch(grad)
         grad_w = torch.zeros_like(w) if need_w else None
@@ -116,58 +117,56 @@ class FusedBoxes(torch.autograd.Function):
         own_gx = need_x and not is_channels_last(x) and _compat.can_add_conv_in_place(x)
         if own_gx:
             grad_x = SCRATCH.take(x.shape, x.dtype, channels_last=True).zero_()
-        for step in layout.steps:
+        for step in plan.steps:
             # The input gradient of a box is a transposed convolution, but for a stride.
             flipped = None
             if need_x:
                 kernel = _box_weight(step, w).shape[2:]
-                flipped = _transposed_geometry(_step_geometry(step, layout), kernel)
-            by_taps = need_w and _by_depth_taps(step, layout, x.dtype)
+                flipped = _transposed_args(_step_args(step, plan), kernel)
+            by_taps = need_w and _by_depth_taps(step, plan, x.dtype)
             if by_taps:
-                grad_w[step.weight_index] = _depth_tap_grads(step, layout, g, x_cl)  # type: ignore[index]
+                grad_w[step.weight_index] = _depth_tap_grads(step, plan, g, x_cl)  # type: ignore[index]
             conv_w, conv_x = need_w and not by_taps, need_x and flipped is None
             if conv_w or conv_x:
                 # The conv backward, on the view its weight gradient is fastest on.
-                run = _weight_grad_step(step)
-                window = _read_window(run, x_cl, layout.pad)
-                w_box = _box_weight(run, w)
-                geometry = _step_geometry(run, layout)
-                gx, gw, _ = torch.ops.aten.convolution_backward(
-                    _fold_view(run, g),
-                    _fold_view(run, window),
-                    w_box,
-                    None,
-                    *geometry,
-                    False,
-                    [0] * len(geometry[0]),
-                    layout.groups,
-                    [conv_x, conv_w, False],
+                by_weight = _weight_grad_step(step)
+                window = _read_window(by_weight, x_cl, plan.pad)
+                args = _step_args(by_weight, plan)
+                gx, gw = _compat.convolution_backward(
+                    _fold_view(by_weight, g),
+                    _fold_view(by_weight, window),
+                    _box_weight(by_weight, w),
+                    args,
+                    groups,
+                    (conv_x, conv_w),
                 )
                 if conv_w:
-                    grad_w[step.weight_index] = _unfold_weight(run, gw)  # type: ignore[index]
+                    assert gw is not None
+                    grad_w[step.weight_index] = _unfold_weight(by_weight, gw)  # type: ignore[index]
                 if conv_x:
+                    assert gx is not None
                     if grad_x is None:
                         grad_x = torch.zeros_like(x_cl)
-                    gx = _unfold(run, gx, tuple(window.shape))
-                    _add_overlap(step, grad_x, gx, layout.pad)
+                    gx = _unfold(by_weight, gx, tuple(window.shape))
+                    _add_overlap(step, grad_x, gx, plan.pad)
                 del window, gx  # before the next box makes its own
             if flipped is None:
                 continue
             g_box = _fold_view(step, g)
-            w_t = _transposed_weight(_box_weight(step, w), layout.groups)
+            w_t = _transposed_weight(_box_weight(step, w), groups)
             if step.input_index is None:  # the box reads all of the input: add in place
                 if grad_x is None:
-                    gx = _CONV[g_box.dim() - 2](g_box, w_t, None, *flipped, layout.groups)
+                    gx = CONV[g_box.dim() - 2](g_box, w_t, None, *flipped, groups)
                     grad_x = copy_layout(_unfold(step, gx, tuple(x.shape)), True)
                 else:
-                    _conv_add(_fold_view(step, grad_x), g_box, w_t, flipped, layout.groups)
+                    _conv_add(_fold_view(step, grad_x), g_box, w_t, flipped, groups)
                 continue
             # A window (perhaps reaching into the padding): the part in the input counts.
-            gx = _CONV[g_box.dim() - 2](g_box, w_t, None, *flipped, layout.groups)
-            gx = _unfold(step, gx, _read_window_shape(step, x_cl, layout.pad))
+            gx = CONV[g_box.dim() - 2](g_box, w_t, None, *flipped, groups)
+            gx = _unfold(step, gx, _read_window_shape(step, x_cl, plan.pad))
             if grad_x is None:
                 grad_x = torch.zeros_like(x_cl)
-            _add_overlap(step, grad_x, gx, layout.pad)
+            _add_overlap(step, grad_x, gx, plan.pad)
             del gx
         # A sum of its own: the conv library's weight gradient is slower with a bias one.
         grad_b = grad.sum(dim=[0, *range(2, grad.dim())]) if need_b else None
@@ -177,7 +176,7 @@ class FusedBoxes(torch.autograd.Function):
             if own_gx and grad_input is grad_x:  # as for the output in the forward
                 grad_input = grad_x.clone()
         SCRATCH.give(g if own_g else None, grad_x if own_gx else None)
-        return grad_input, grad_w, grad_b, None, None, None
+        return grad_input, grad_w, grad_b, None, None
 
 
 def _read_window(step: Step, x: Tensor, pad: tuple[int, ...] | None) -> Tensor:
@@ -266,18 +265,18 @@ def _unfold(step: Step, t: Tensor, shape: tuple[int, ...]) -> Tensor:
     return t.view(*t.shape[:3], h, w)
 
 
-def _by_depth_taps(step: Step, layout: BoxPlan, dtype: torch.dtype) -> bool:
+def _by_depth_taps(step: Step, plan: BoxPlan, dtype: torch.dtype) -> bool:
     """Whether :func:`_depth_tap_grads` computes ``step``'s weight gradient."""
     return (
         step.fold is not None
         and step.fold.kind == "plane"
         and step.fold.stride[0] == 1
-        and layout.groups == 1
+        and plan.geometry.groups == 1
         and dtype in (torch.float32, torch.float64)  # a half-precision sum would round
     )
 
 
-def _depth_tap_grads(step: Step, layout: BoxPlan, g: Tensor, x: Tensor) -> Tensor:
+def _depth_tap_grads(step: Step, plan: BoxPlan, g: Tensor, x: Tensor) -> Tensor:
     """The weight gradient of a box one tap high and wide, tap by tap, as matrix products.
 
     Each tap along the depth meets the output planes at one depth offset: its gradient is
@@ -286,7 +285,7 @@ def _depth_tap_grads(step: Step, layout: BoxPlan, g: Tensor, x: Tensor) -> Tenso
     library's weight gradient of such a thin kernel is slower, as much as twice.
     """
     assert step.fold is not None
-    window = _read_window(step, x, layout.pad)
+    window = _read_window(step, x, plan.pad)
     n, c_in, d_in = window.shape[:3]
     c_out, d_out = g.shape[1], g.shape[2]
     xs, gs = window.movedim(1, -1), g.movedim(1, -1)  # (N, D, H, W, C)
@@ -333,31 +332,31 @@ def _unfold_weight(step: Step, gw: Tensor) -> Tensor:
     return gw.unsqueeze(2) if step.fold.kind == "depth" else gw.unsqueeze(3)
 
 
-def _step_geometry(step: Step, layout: BoxPlan) -> Geometry:
+def _step_args(step: Step, plan: BoxPlan) -> ConvArgs:
     """Stride, padding and dilation of the convolution that runs ``step``."""
     if step.fold is None:
-        return layout.stride, step.padding, step.dilation
-    return step.fold.stride, step.fold.padding, step.fold.dilation
+        return ConvArgs(plan.geometry.stride, step.padding, step.dilation)
+    return ConvArgs(step.fold.stride, step.fold.padding, step.fold.dilation)
 
 
-def _transposed_geometry(geometry: Geometry, kernel: Sequence[int]) -> Geometry | None:
-    """The geometry of the convolution whose output is the input gradient, if there is one.
+def _transposed_args(args: ConvArgs, kernel: Sequence[int]) -> ConvArgs | None:
+    """The arguments of the convolution whose output is the input gradient, if there is one.
 
     With unit stride, the input gradient of ``conv(x, w, padding=p, dilation=d)`` is
     ``conv(grad, w flipped, padding=d * (k - 1) - p, dilation=d)``, channels swapped; None
     with a stride, or where that padding would be negative.
     """
-    stride, padding, dilation = geometry
+    stride, padding, dilation = args
     if any(s != 1 for s in stride):
         return None
     pads = tuple(d * (k - 1) - p for d, k, p in zip(dilation, kernel, padding, strict=True))
     if min(pads) < 0:
         return None
-    return stride, pads, dilation
+    return ConvArgs(stride, pads, dilation)
 
 
 def _transposed_weight(w: Tensor, groups: int) -> Tensor:
-    """The weight of the convolution :func:`_transposed_geometry` describes."""
+    """The weight of the convolution :func:`_transposed_args` describes."""
     c_out, c_in = w.shape[0] // groups, w.shape[1]
     kernel = tuple(w.shape[2:])
     t = w.reshape(groups, c_out, c_in, *kernel).transpose(1, 2)

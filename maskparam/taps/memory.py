@@ -20,6 +20,7 @@ __all__ = [
     "SCRATCH",
     "Scratch",
     "copy_layout",
+    "empty_cache",
     "is_channels_last",
     "memory_format",
     "relayout",
@@ -129,6 +130,11 @@ class Scratch:
             self._free.sort(key=Tensor.numel)
             del self._free[: max(0, len(self._free) - self.keep)]
 
+    def __len__(self) -> int:
+        """The number of buffers kept."""
+        with self._lock:
+            return len(self._free)
+
     def clear(self) -> None:
         """Drop every buffer kept."""
         with self._lock:
@@ -171,3 +177,23 @@ class _Relayout(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return relayout(grad, ctx.input_channels_last), None
+
+
+def empty_cache() -> None:
+    """Free the buffers that ``execution="taps"`` keeps between calls on the CPU.
+
+    With an input or gradient that is not channels-last, the taps path needs a few
+    temporaries the size of a layer's input or output. It keeps the largest few (at most
+    six) for the next call, because writing to freshly allocated large buffers costs a page
+    fault every 4 KiB. They are freed by this, or taken up again by the next call.
+
+    Example:
+        >>> from torch import nn
+        >>> from maskparam.apply import apply_mask
+        >>> from maskparam.masks import cross
+        >>> conv = apply_mask(nn.Conv3d(16, 16, 3, padding=1), cross(3, ndim=3), execution="taps")
+        >>> conv(torch.randn(1, 16, 8, 8, 8)).shape
+        torch.Size([1, 16, 8, 8, 8])
+        >>> empty_cache()
+    """
+    SCRATCH.clear()

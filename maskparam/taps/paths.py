@@ -13,32 +13,26 @@
 
 from __future__ import annotations
 
-from typing import cast
+import functools
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from maskparam import _compat
+from maskparam._forward import dense_forward
 from maskparam.taps import kernel as tap_kernel
 from maskparam.taps.boxes import Box
 from maskparam.taps.choose import box_path
 from maskparam.taps.fused import FusedBoxes
 from maskparam.taps.memory import is_channels_last, relayout
-from maskparam.taps.plan import active_taps, box_plan, geometry, lift
-from maskparam.taps.reference import run_reference
+from maskparam.taps.plan import active_taps, box_call
+from maskparam.taps.reference import double_backward, reference_conv
 
-__all__ = ["BOX_PATHS", "PATHS", "dense", "run", "run_boxes"]
+__all__ = ["BOX_PATHS", "PATHS", "run", "run_boxes"]
 
 PATHS = ("dense", "dense_cl", "kernel", "kernel_op", "fused", "reference")
 BOX_PATHS = ("kernel", "kernel_op", "fused", "reference")
 """The paths that compute only the active taps."""
-
-
-def dense(module: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The layer's own convolution, as if maskparam did not change its forward."""
-    base = cast(type[nn.Module], type(module)._maskparam_base)  # type: ignore[attr-defined]
-    return _compat.dense_conv_forward(base, module, input, weight, bias)
 
 
 def run(
@@ -51,10 +45,10 @@ def run(
 ) -> Tensor:
     """Run ``path`` (one of :data:`PATHS`); ``boxes`` matter only to the box paths."""
     if path == "dense":
-        return dense(module, input, weight, bias)
+        return dense_forward(module, input, weight, bias)
     if path == "dense_cl":
         out_cl = is_channels_last(input) or is_channels_last(weight)
-        y = dense(module, relayout(input, True), weight, bias)
+        y = dense_forward(module, relayout(input, True), weight, bias)
         return relayout(y, out_cl)
     device = input.device.type
     if torch.is_autocast_enabled(device):
@@ -96,6 +90,8 @@ def run_boxes(
         The output, in the layout the dense convolution gives.
 
     Example:
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
         >>> from maskparam.taps import decompose
         >>> conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
         >>> plus = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.bool)
@@ -110,33 +106,24 @@ def run_boxes(
     """
     if path is None:
         path = box_path(module, input, weight, bias, boxes)
-    unbatched = input.dim() == len(module.kernel_size) + 1
-    one_d = len(module.kernel_size) == 1
-    x, w = lift(input, weight)
-    if module.padding_mode != "zeros":
-        pad = _compat.reversed_padding(module)
-        x = F.pad(x, [*pad, 0, 0] if one_d else pad, mode=module.padding_mode)
-    # The layout the dense convolution gives: it sees the input after a padding mode's pad.
-    out_cl = not one_d and (is_channels_last(x) or is_channels_last(weight))
-    # Under torch.compile the plain functions: tracing needs no cache, and warns about one.
-    compiling = torch.compiler.is_compiling()
-    plan_of = box_plan.__wrapped__ if compiling else box_plan
-    geo = geometry(module, one_d)
-    plan = plan_of(boxes, geo, tuple(x.shape[2:]), tuple(w.shape[2:]), one_d)
+    call = box_call(module, input, weight, boxes)
+    x, w, plan, out_cl = call.x, call.w, call.plan, call.out_cl
+    y: Tensor
     if path in ("kernel", "kernel_op"):
-        taps = (active_taps.__wrapped__ if compiling else active_taps)(boxes, one_d)
-        table = tap_kernel.tap_table.__wrapped__ if compiling else tap_kernel.tap_table
-        offsets, index = table(taps, tuple(w.shape[2:]), geo.dilation, geo.pad_left)
+        geo = plan.geometry
+        taps = active_taps(boxes, call.one_d)
+        offsets, index = tap_kernel.tap_table(taps, tuple(w.shape[2:]), geo.dilation, geo.pad_left)
         if path == "kernel_op":  # a custom op that torch.compile traces as one node
-            y = tap_kernel.compiled_conv(x, w, bias, offsets, index, plan.out_size)
+            y = tap_kernel.tap_conv(x, w, bias, offsets, index, list(plan.out_size))
         else:
+            grads_graph = functools.partial(double_backward, plan, out_cl)
             y = tap_kernel.TapKernel.apply(  # type: ignore[no-untyped-call]
-                x, w, bias, offsets, index, plan.out_size, (plan, out_cl, run_reference)
+                x, w, bias, offsets, index, plan.out_size, grads_graph
             )
     elif path == "fused":
-        y = FusedBoxes.apply(x, w, bias, plan, out_cl, run_reference)  # type: ignore[no-untyped-call]
+        y = FusedBoxes.apply(x, w, bias, plan, out_cl)  # type: ignore[no-untyped-call]
     else:
-        y = run_reference(x, w, bias, plan, out_cl)
-    if one_d:
+        y = reference_conv(x, w, bias, plan, out_cl)
+    if call.one_d:
         y = y.squeeze(2)
-    return y.squeeze(0) if unbatched else y
+    return y.squeeze(0) if call.unbatched else y

@@ -1,32 +1,38 @@
 """The box plan: for one conv and one input size, where each box reads and how it pads.
 
-:func:`box_plan` turns the :func:`~maskparam.taps.boxes.decompose` of a mask into one
-convolution per box (:class:`Step`), cached per input size; the paths in
-:mod:`maskparam.taps.paths` run those convolutions. 1-D convs are planned as 2-D ones with a
-height of one ("lifted"), since 1-D has no channels-last layout.
+:func:`box_call` sees a call as the box paths and the tap kernel do: batched, and 1-D
+lifted to 2-D with a height of one, since 1-D has no channels-last layout. Its
+:class:`BoxPlan` (:func:`box_plan`, cached per input size) turns the
+:func:`~maskparam.taps.boxes.decompose` of a mask into one convolution per box
+(:class:`Step`). :class:`Geometry` is the conv's options per axis.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple, TypeVar, cast
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from maskparam import _compat
 from maskparam.taps.boxes import Box
+from maskparam.taps.memory import is_channels_last
 
 __all__ = [
+    "BoxCall",
     "BoxPlan",
-    "ConvGeometry",
     "Fold",
+    "Geometry",
     "Step",
     "Window",
     "active_taps",
+    "box_call",
     "box_plan",
     "count",
-    "geometry",
+    "eager_cached",
     "input_window",
     "lift",
     "output_size",
@@ -61,18 +67,8 @@ class Step(NamedTuple):
     fold: Fold | None  # how the fused CPU path runs a 3-D box, if as a 2-D convolution
 
 
-class BoxPlan(NamedTuple):
-    """The convolutions that compute one conv layer's output box by box, for one input size."""
-
-    steps: tuple[Step, ...]
-    pad: tuple[int, ...] | None  # F.pad of the input that padded steps read, if any
-    stride: tuple[int, ...]
-    groups: int
-    out_size: tuple[int, ...]
-
-
-class ConvGeometry(NamedTuple):
-    """A conv's options, per spatial axis, as the boxes need them."""
+class Geometry(NamedTuple):
+    """A conv's options per spatial axis, as the boxes and the kernel read them."""
 
     stride: tuple[int, ...]
     dilation: tuple[int, ...]
@@ -80,26 +76,33 @@ class ConvGeometry(NamedTuple):
     pad_right: tuple[int, ...]
     groups: int
 
+    @classmethod
+    def of(cls, module: _compat.ConvNd, *, lift: bool) -> Geometry:
+        """The options of ``module``; for 1-D lifted to 2-D (``lift``) with a unit first axis.
 
-def geometry(module: _compat.ConvNd, lift: bool) -> ConvGeometry:
-    """The options of ``module``; for 1-D lifted to 2-D (``lift``) with a unit first axis.
+        With a padding mode other than zeros, the input is padded before the boxes run, so
+        they see no padding.
+        """
+        nd = len(module.kernel_size)
+        if module.padding_mode != "zeros":
+            left = right = (0,) * nd
+        else:  # as torch pads: for "same" with an odd total, the extra zero on the right
+            pad = _compat.reversed_padding(module)
+            left = tuple(pad[2 * (nd - 1 - i)] for i in range(nd))
+            right = tuple(pad[2 * (nd - 1 - i) + 1] for i in range(nd))
+        stride, dilation = tuple(module.stride), tuple(module.dilation)
+        if lift:
+            return cls((1, *stride), (1, *dilation), (0, *left), (0, *right), module.groups)
+        return cls(stride, dilation, left, right, module.groups)
 
-    With a padding mode other than zeros, the input is padded before the boxes run, so
-    they see no padding.
-    """
-    nd = len(module.kernel_size)
-    if module.padding_mode != "zeros" or module.padding == "valid":
-        left = right = (0,) * nd
-    elif module.padding == "same":  # an odd total puts the extra zero on the right, as torch
-        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
-        left = tuple(t // 2 for t in totals)
-        right = tuple(t - t // 2 for t in totals)
-    else:
-        left = right = tuple(module.padding)  # type: ignore[arg-type]
-    stride, dilation = tuple(module.stride), tuple(module.dilation)
-    if lift:
-        return ConvGeometry((1, *stride), (1, *dilation), (0, *left), (0, *right), module.groups)
-    return ConvGeometry(stride, dilation, left, right, module.groups)
+
+class BoxPlan(NamedTuple):
+    """The convolutions that compute one conv layer's output box by box, for one input size."""
+
+    steps: tuple[Step, ...]
+    pad: tuple[int, ...] | None  # F.pad of the input that padded steps read, if any
+    geometry: Geometry
+    out_size: tuple[int, ...]
 
 
 class Window(NamedTuple):
@@ -112,7 +115,7 @@ class Window(NamedTuple):
 
 
 def input_window(
-    box: Box, geo: ConvGeometry, in_size: Sequence[int], out_size: Sequence[int]
+    box: Box, geo: Geometry, in_size: Sequence[int], out_size: Sequence[int]
 ) -> Window:
     """The input window and padding that make ``box`` produce exactly ``out_size``.
 
@@ -145,7 +148,7 @@ def input_window(
     return Window(False, tuple(starts), tuple(lengths), tuple(pads))
 
 
-def _padded_window(box: Box, geo: ConvGeometry, out_size: Sequence[int]) -> Window:
+def _padded_window(box: Box, geo: Geometry, out_size: Sequence[int]) -> Window:
     starts = tuple(a * d for a, d in zip(box.start, geo.dilation, strict=True))
     lengths = tuple(
         (out - 1) * s + (n - 1) * q * d + 1
@@ -173,7 +176,7 @@ def lift(input: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def output_size(
-    geo: ConvGeometry, in_size: tuple[int, ...], kernel: tuple[int, ...]
+    geo: Geometry, in_size: tuple[int, ...], kernel: tuple[int, ...]
 ) -> tuple[int, ...]:
     """The conv's output size per spatial axis."""
     return tuple(
@@ -184,17 +187,38 @@ def output_size(
     )
 
 
-@functools.lru_cache(maxsize=256)
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
+
+def eager_cached(maxsize: int) -> Callable[[Fn], Fn]:
+    """Cache a function of hashable arguments in eager mode, as :func:`functools.lru_cache`.
+
+    Under :func:`torch.compile` it runs uncached: tracing needs no cache, and warns about one.
+    """
+
+    def decorate(fn: Fn) -> Fn:
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def pick(*args: Any) -> Any:
+            return (fn if torch.compiler.is_compiling() else cached)(*args)
+
+        return cast(Fn, pick)
+
+    return decorate
+
+
+@eager_cached(maxsize=256)
 def active_taps(boxes: tuple[Box, ...], lift: bool) -> tuple[tuple[int, ...], ...]:
     """Every tap of ``boxes``, in order (``lift``: 1-D lifted to 2-D)."""
     taps = sorted(tap for box in boxes for tap in box.taps())
     return tuple((0, *tap) if lift else tuple(tap) for tap in taps)
 
 
-@functools.lru_cache(maxsize=1024)
+@eager_cached(maxsize=1024)
 def box_plan(
     boxes: tuple[Box, ...],
-    geo: ConvGeometry,
+    geo: Geometry,
     in_size: tuple[int, ...],
     kernel: tuple[int, ...],
     lift: bool,
@@ -230,7 +254,35 @@ def box_plan(
     if any(step.padded for step in steps):
         pairs = zip(reversed(geo.pad_left), reversed(geo.pad_right), strict=True)
         pad = tuple(p for pair in pairs for p in pair)
-    return BoxPlan(tuple(steps), pad, geo.stride, geo.groups, out_size)
+    return BoxPlan(tuple(steps), pad, geo, out_size)
+
+
+class BoxCall(NamedTuple):
+    """One call of a conv as the box paths and the tap kernel see it."""
+
+    x: Tensor  # batched, 1-D as 2-D, padded already for a padding mode other than zeros
+    w: Tensor  # the masked weight, 1-D as 2-D
+    plan: BoxPlan
+    out_cl: bool  # whether the output is channels-last, as the dense convolution's would be
+    one_d: bool
+    unbatched: bool
+
+
+def box_call(
+    module: _compat.ConvNd, input: Tensor, weight: Tensor, boxes: tuple[Box, ...]
+) -> BoxCall:
+    """``module(input)`` as the boxes see it, and their plan: the one place it is made."""
+    one_d = len(module.kernel_size) == 1
+    x, w = lift(input, weight)
+    if module.padding_mode != "zeros":
+        pad = _compat.reversed_padding(module)
+        x = F.pad(x, [*pad, 0, 0] if one_d else pad, mode=module.padding_mode)
+    # The layout the dense convolution gives: it sees the input after a padding mode's pad.
+    out_cl = not one_d and (is_channels_last(x) or is_channels_last(weight))
+    geo = Geometry.of(module, lift=one_d)
+    plan = box_plan(boxes, geo, tuple(x.shape[2:]), tuple(w.shape[2:]), one_d)
+    unbatched = input.dim() == len(module.kernel_size) + 1
+    return BoxCall(x, w, plan, out_cl, one_d, unbatched)
 
 
 def _fold(

@@ -7,7 +7,7 @@ it in the tests, and differentiate it for a double backward.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +16,13 @@ from torch import Tensor
 from maskparam.taps.memory import relayout
 from maskparam.taps.plan import BoxPlan
 
-__all__ = ["composite_grads", "run_reference"]
+__all__ = ["CONV", "double_backward", "reference_conv"]
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+"""The functional convolution per number of spatial dims."""
 
 
-def run_reference(
+def reference_conv(
     x: Tensor, w: Tensor, bias: Tensor | None, plan: BoxPlan, out_cl: bool
 ) -> Tensor:
     """The conv as the sum of one ordinary convolution per box.
@@ -38,7 +39,8 @@ def run_reference(
     """
     x = relayout(x, True)
     padded = None if plan.pad is None else F.pad(x, plan.pad)
-    conv = _CONV[x.dim() - 2]
+    conv = CONV[x.dim() - 2]
+    geo = plan.geometry
     y: Tensor | None = None
     for step in plan.steps:
         src = padded if step.padded else x
@@ -47,10 +49,10 @@ def run_reference(
             src if step.input_index is None else src[step.input_index],
             w[step.weight_index],
             bias if y is None else None,
-            plan.stride,
+            geo.stride,
             step.padding,
             step.dilation,
-            plan.groups,
+            geo.groups,
         )
         # The conv backward needs only its inputs, so summing in place is safe for autograd.
         # Dropping each part before the next conv lets that conv reuse its memory.
@@ -60,18 +62,26 @@ def run_reference(
     return relayout(y, out_cl)
 
 
-def composite_grads(
-    ctx: Any, grad: Tensor, x: Tensor, w: Tensor, bias: Tensor | None
-) -> tuple[Tensor | None, ...]:
-    """The gradients of :func:`run_reference`, as a graph to differentiate again.
+def double_backward(
+    plan: BoxPlan,
+    out_cl: bool,
+    needs: Sequence[bool],
+    grad: Tensor,
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of :func:`reference_conv` that ``needs`` asks for, as a graph.
 
-    For the double backward of a path with a hand-written backward: ``ctx`` carries
-    ``needs_input_grad`` and ``ctx.composite(x, w, bias, ctx.layout, ctx.out_cl)``, the
-    reference on the same plan.
+    For the double backward of a path with a hand-written backward: its gradients, made
+    by the reference on the same plan, so that they differentiate again.
     """
-    needs = ctx.needs_input_grad[:3]
     inputs = [t for t, need in zip((x, w, bias), needs, strict=True) if need and t is not None]
     with torch.enable_grad():
-        y = ctx.composite(x, w, bias, ctx.layout, ctx.out_cl)
+        y = reference_conv(x, w, bias, plan, out_cl)
     grads = iter(torch.autograd.grad(y, inputs, grad, create_graph=True, allow_unused=True))
-    return (*(next(grads) if need else None for need in needs), None, None, None)
+    gx, gw, gb = (
+        next(grads) if need and t is not None else None
+        for t, need in zip((x, w, bias), needs, strict=True)
+    )
+    return gx, gw, gb

@@ -3,9 +3,10 @@
  * AVX2 with FMA (8 lanes), ARM64 NEON (4 lanes). Only the few primitives in "the
  * instruction set" below (masked loads and stores, tile sizes) differ between them.
  *
- * Built at first use by maskparam/taps/kernel.py (cc -O3 -fopenmp and the flags of one
- * instruction set) and called through ctypes; without a C compiler or a supported CPU,
- * maskparam runs the same layers box by box. tests/c/ builds it standalone.
+ * Built at first use by maskparam/taps/build.py (cc -O3 -fopenmp and the flags of one
+ * instruction set) and called through ctypes by maskparam/taps/kernel.py; without a C
+ * compiler or a supported CPU, maskparam runs the same layers box by box. tests/c/ builds it
+ * standalone.
  *
  * Layout. A stride-1 convolution with T active taps, in the layout torch gives by default
  * (channels-first, contiguous), over "planes": x is (N, C, D, P) with P = H * W, y is
@@ -74,7 +75,7 @@ static inline lanes_t lanes_from_bits(uint32_t bits) { return (lanes_t)bits; }
 #define WO 4
 #define WK 2
 #define OV_MAX 2
-#define WG_UNROLL 1 /* 16 registers: 4 gained nothing (+0.6%) */
+#define WG_UNROLL 1 /* 16 registers: none left for more positions in flight */
 typedef __m256i lanes_t;
 static inline lanes_t lanes_from_bits(uint32_t bits) {
     const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -88,7 +89,7 @@ static inline lanes_t lanes_from_bits(uint32_t bits) {
 #define WO 8
 #define WK 3
 #define OV_MAX 4
-#define WG_UNROLL 1 /* not timed */
+#define WG_UNROLL 1 /* one position a step, the plain loop */
 typedef uint32_t lanes_t;
 static inline lanes_t lanes_from_bits(uint32_t bits) { return bits; }
 #else
@@ -145,9 +146,8 @@ static inline void store_lanes(lanes_t m, float* p, vf v) {
 /* v to p, a whole cache line, around the caches: a store that does not first read the line
  * from memory. stream_fence orders such stores before those that follow (the end of a call).
  * Only AVX-512 streams (STREAMS): an AVX2 vector is half a line, and the forward's tiles of
- * three vectors end mid-line, so a line's halves are written apart, which is slow (the 5x5x5
- * ball on (8, 8->8, 32^3) took 21% more time). ARM64 has no such store in GCC's vector
- * extensions. */
+ * three vectors end mid-line, so a line's halves would be written apart, which defeats the
+ * streaming store. ARM64 has no such store in GCC's vector extensions. */
 #if LANES == 16
 #define STREAMS 1
 static inline void stream_store(float* p, vf v) { _mm512_stream_ps(p, (__m512)v); }
@@ -201,7 +201,7 @@ static inline float lane_sum(vf v) {
 
 /* -- what Python must know ---------------------------------------------------------------- */
 
-/* The geometry of one call: see the layout above. */
+/* One call: its sizes (see the layout above), its taps and its threads. */
 typedef struct {
     int64_t N, C, D, H, W, O, Do, T;
     const int64_t* taps; /* (T, 3): plane, row, column offsets */
@@ -209,7 +209,7 @@ typedef struct {
     const int64_t* index; /* (T): each tap's place in the flattened kernel of the weight */
     int64_t kernel;       /* the flattened kernel's size */
     int64_t input_grad;   /* tap_forward: 1 for the input gradient, see there */
-} tap_geometry;
+} tap_call;
 
 #ifndef TAP_BUILD_KEY
 #define TAP_BUILD_KEY 0 /* set by the builder to a hash of this source and its flags */
@@ -225,10 +225,9 @@ int64_t tap_forward_tile(void) { return NV * LANES; }
 enum { WG_POSITIONS = 0, WG_CHANNELS = 1 };
 
 /* Channels in the lanes when they fill whole vectors, at least two, or one with 16 input
- * channels or more: then each position's products stay in registers. With one vector of
- * output channels and 16 or 32 input channels that takes 13-20% less time than positions in
- * the lanes; with fewer input channels, blocks of 8 or 12 padded with unused channels make it
- * no faster, or up to twice as slow (3 or 4 channels). Otherwise the lanes hold positions. */
+ * channels or more: then each position's products stay in registers. With fewer input
+ * channels, the blocks of SB input channels would be mostly padding, unused channels whose
+ * work is thrown away, so the lanes hold positions instead. */
 int tap_weight_grad_variant(int64_t C, int64_t O, int64_t T) {
     (void)T;
     return O % LANES == 0 && (O >= 2 * LANES || (O == LANES && C >= 16)) ? WG_CHANNELS
@@ -392,9 +391,8 @@ static void fwd_pairs(vf acc[OB][NV], const fwd_run* run, int64_t runs, int64_t 
 
 /* The first block's acc += the products of the pairs of runs: it reads x (NV vectors, masked:
  * lanes outside the plane are zero) and stores what it read to the buffer of each run that
- * has one. Copying the pairs into the buffer first, then summing, took 6-10% more time for
- * the forward and the input gradient of the 3-D crosses (AMD Zen 4, AVX-512 and AVX2): here
- * the copy's loads, from L2, overlap the products. */
+ * has one. The copy is made in the same pass as the products, so that its loads, from L2,
+ * overlap them (a separate copying pass would wait on those loads). */
 static void fwd_pairs_first(vf acc[OB][NV], const fwd_run* run, int64_t runs) {
     vf a[OB][NV]; /* in registers, as in fwd_pairs_nv */
     memcpy(a, acc, sizeof a);
@@ -448,7 +446,7 @@ static inline void fwd_store(vf acc[OB][NV], float* y, int64_t O, int64_t Do, in
 
 /* y = conv(x) for tap_forward: wp is (T, Opad / OB, C, OB) and bias (Opad) or NULL, Opad = O
  * rounded up to OB with zeros. Returns 0, or -1 if out of memory (y untouched then). */
-static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, const float* bias,
+static int fwd_packed(const tap_call* g, const float* x, const float* wp, const float* bias,
                       float* y) {
     const int64_t N = g->N, C = g->C, D = g->D, H = g->H, W = g->W, O = g->O, Do = g->Do;
     const int64_t T = g->T, *taps = g->taps;
@@ -461,10 +459,7 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
     /* An output of STREAM_MIN per thread or more does not stay in the caches for whatever
        reads it next, so on AVX-512 its whole vectors go around them (where they are aligned:
        y aligned and P a multiple of LANES), and each line is no longer read from memory
-       first. On an AMD EPYC (Zen 4), the forward of the 3-D cross (4, 16->32, 32^3) takes
-       16% less time and its input gradient 11%, while reading every line of the output back
-       afterwards takes 0.17 ms more (0.77 ms); on the Intel CPU of earlier sessions, no
-       measurable change. */
+       first. */
     const double out_bytes = (double)sizeof(float) * N * O * Do * P;
     const int stream = STREAMS && out_bytes >= (double)STREAM_MIN * g->nthreads &&
                        P % LANES == 0 && ((uintptr_t)y & (sizeof(vf) - 1)) == 0;
@@ -523,10 +518,8 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
                 int64_t npairs = nt * C;
                 /* The tap that reads furthest on in x reads, at the next tile (the next
                    job, usually), lines that no tile has read yet: of the plane after this
-                   one, for a 3-D cross. Fetched a tile ahead, they arrive in time: on the
-                   3-D cross (4, 16->32, 32^3) the forward took 3% less time and the input
-                   gradient 7% (Intel, AVX-512; 1% and 4% on AVX2). The other taps' lines are
-                   in cache already. */
+                   one, for a 3-D cross. Fetched a tile ahead, they arrive in time. The other
+                   taps' lines are in cache already. */
                 int64_t lead = 0;
                 for (int64_t k = 1; k < nt; k++)
                     if (toff[k] > toff[lead]) lead = k;
@@ -534,8 +527,8 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
                 int nv = nvec - at.tile * NV < NV ? (int)(nvec - at.tile * NV) : NV;
                 /* Chunks of pairs, tap-major, as runs of channels of one tap: at most KC
                    pairs to pack (lanes outside the plane zero) and KC runs per chunk. Pairs
-                   read in place do not count: the input gradient of the 3-D cross (4,
-                   16->32, 32^3) then takes one chunk per tile, not two (6% less time). */
+                   read in place do not count, so a tile takes as few chunks as it can:
+                   each chunk stores and reloads the partial sums of every block. */
                 int64_t j = 0;
                 for (int first = 1;; first = 0) {
                     int64_t runs = 0, copied = 0;
@@ -547,13 +540,10 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
                         r->x = src, r->step = D * P, r->mask = masks.lanes + m;
                         r->full = all_on(masks.bits + m), r->buf = NULL;
                         /* With two blocks of output channels, a run whose vectors lie whole
-                           and aligned in x is read in place, the second time from L2. On
-                           AVX-512 the input gradient of the 3-D cross (4, 16->32, 32^3) took
-                           9% less time than with every run packed, and the forward of (4,
-                           32->16, 32^3) 7%; with more blocks, reading each vector that many
-                           times from L2 costs more than the copy saves (7% more time with 16
-                           blocks). AVX2 has no case: two blocks of 4 are too few output
-                           channels to pack. */
+                           and aligned in x is read in place, the second time from L2: one
+                           reread costs less than the copy. With more blocks, rereading each
+                           vector that many times from L2 costs more than the copy saves.
+                           (AVX2 packs no two blocks: 2 * OB is below PACK_MIN.) */
                         int in_x = r->full && in_place && ((uintptr_t)src & (sizeof(vf) - 1)) == 0;
                         if (!in_x) {
                             if (c1 - c0 > KC - copied) c1 = c0 + (KC - copied);
@@ -604,7 +594,7 @@ static int fwd_packed(const tap_geometry* g, const float* x, const float* wp, co
 /* The weight as tap_forward reads it, (T, Opad / OB, C, OB), Opad = O rounded up to OB with
  * zeros: w[o, c, index[t]] from w (O, C, kernel), or w[c, o, index[t]] from w (C, O, kernel)
  * for the input gradient. NULL if out of memory. */
-static float* pack_weight(const tap_geometry* g, const float* w) {
+static float* pack_weight(const tap_call* g, const float* w) {
     const int64_t C = g->C, O = g->O, T = g->T, kernel = g->kernel;
     const int64_t Opad = (O + OB - 1) / OB * OB, nob = Opad / OB;
     float* wp = (float*)alloc64(sizeof(float) * T * Opad * C);
@@ -624,13 +614,13 @@ static float* pack_weight(const tap_geometry* g, const float* w) {
  * conv with weight w (O, C, kernel), contiguous, and bias (O) or NULL. With input_grad, the
  * input gradient of the conv whose weight w is (C, O, kernel): x is the output gradient, y
  * the input gradient, y[n, o, q, p] = sum_{c, t} w[c, o, index[t]] * x[n, c, q - dq_t,
- * p - off_t] (the taps negated; bias NULL). The weight is packed here, a few KB: Python did
- * it in a dozen small torch operations per step, and a step of the 3-D cross on (1, 16, 8^3)
- * took 378 us instead of 304. Returns 0, or -1 if out of memory (y untouched then). */
-int tap_forward(const tap_geometry* g, const float* x, const float* w, const float* bias,
+ * p - off_t] (the taps negated; bias NULL). The weight, a few KB, is packed here rather than
+ * by torch operations in Python, whose fixed cost per call would weigh on small inputs.
+ * Returns 0, or -1 if out of memory (y untouched then). */
+int tap_forward(const tap_call* g, const float* x, const float* w, const float* bias,
                 float* y) {
     const int64_t T = g->T, O = g->O, Opad = (O + OB - 1) / OB * OB;
-    tap_geometry h = *g;
+    tap_call h = *g;
     int64_t* taps = (int64_t*)malloc(sizeof(int64_t) * 3 * (T + 1));
     float* wp = pack_weight(g, w);
     float* b = bias ? (float*)calloc(Opad, sizeof(float)) : NULL;
@@ -651,7 +641,7 @@ int tap_forward(const tap_geometry* g, const float* x, const float* w, const flo
 
 /* For any O: each thread sums vectors of LANES partial sums per (slot, o) over the planes it
  * takes, and the threads' sums add up at the end. */
-static int wg_positions(const tap_geometry* g, const float* x, const float* gy, float* gwp,
+static int wg_positions(const tap_call* g, const float* x, const float* gy, float* gwp,
                         float* gb) {
     const int64_t N = g->N, C = g->C, D = g->D, H = g->H, W = g->W, O = g->O, Do = g->Do;
     const int64_t T = g->T, *taps = g->taps;
@@ -753,9 +743,8 @@ static int wg_positions(const tap_geometry* g, const float* x, const float* gy, 
  * a plane of g to position-major order, then for each tap and block of SB input channels sums
  * x (broadcast) times a row of that copy over the positions where the tap reads inside the
  * plane, OV * SB vectors in registers. The SB rows of x are offsets from the first, so the
- * loop over positions steps one pointer: stepping SB pointers cost 5% of its time. Unrolled
- * four times on AVX-512, it takes 2-8% less time than one position a step (32 registers;
- * the 3-D cross, 4%). */
+ * loop over positions steps one pointer, not SB of them. It takes WG_UNROLL positions a
+ * step where the registers hold that many loads in flight (32 registers: AVX-512). */
 #define WG_KERNEL(OV, SB)                                                                      \
     static void wg_block_##OV##_##SB(const float* const* xs, const float* gT, int64_t O,        \
                                      int64_t W, int64_t h0, int64_t h1, int64_t w0,             \
@@ -817,11 +806,9 @@ static const wg_block_fn wg_small[OV_MAX + 1] = {0, wg_block_1_8, wg_block_2_4};
 
 /* Floats of g, position-major, per thread: 32 KB, which stay in L1 (with the rows of x they
  * meet) while every tap and block of channels reads them, as long as that makes WG_MIN_POS
- * positions or more. A whole plane at a time (128 KB on the 3-D benchmark cases, 32 output
- * channels) came from L2 on each pass, and the weight gradient took 5% more. With more output
- * channels, fewer positions would leave the fixed cost of each block's sums (loaded, stored)
- * to too little work: 64 positions for 128 channels took 12% more than 512 in 256 KB, and
- * 128 for 64 channels gained nothing, so those take WG_CHUNK_MAX. */
+ * positions or more; a larger piece, a whole plane say, would come from L2 on each pass.
+ * With more output channels, so few positions would leave the fixed cost of each block's
+ * sums (loaded, stored) to too little work: those take WG_CHUNK_MAX floats, from L2. */
 #define WG_CHUNK (1 << 13)
 #define WG_CHUNK_MAX (1 << 16)
 #define WG_MIN_POS 256
@@ -847,17 +834,15 @@ static inline void wg_fetch(wg_next* next, int64_t count) {
 /* One rectangle [ha, hb) x [wa, wb) of output plane q of sample n: its g, position-major,
  * into gT (row stride cw positions), then every tap's sums over the part of the rectangle
  * where that tap reads inside the plane; meanwhile, the next rectangle's g into L2. */
-static void wg_rect(const tap_geometry* g, const float* x, const float* gq, float* gT,
+static void wg_rect(const tap_call* g, const float* x, const float* gq, float* gT,
                     float* accw, float* accb, int64_t n, int64_t q,
                     int64_t ha, int64_t hb, int64_t wa, int64_t wb, int64_t cw, wg_next next) {
     const int64_t C = g->C, D = g->D, H = g->H, W = g->W, O = g->O, Do = g->Do, T = g->T;
     const int64_t* taps = g->taps;
     int64_t P = H * W;
-    /* The next rectangle's g, a share before each tap (a share before each block of
-       channels gained nothing). g's channels lie a plane or more apart: too many streams for
-       the hardware to fetch ahead. Transposing g took a quarter of the weight gradient of the
-       3-D cross (4, 16->32, 32^3) on AMD Zen 4, which now takes 8-12% less time (AVX2: 16%;
-       on the Intel CPU of earlier sessions, fetching the next rectangle gained nothing). */
+    /* The next rectangle's g, fetched into L2 a share before each tap, so that the
+       transposition below finds it there. g's channels lie a plane or more apart: too many
+       streams for the hardware to fetch ahead by itself. */
     int64_t share = (next.channels * (next.len / LINE + 2) + T - 1) / T;
     for (int64_t h = ha; h < hb; h++)
         for (int64_t o0 = 0; o0 < O; o0 += LANES) {
@@ -918,7 +903,7 @@ static void wg_rect(const tap_geometry* g, const float* x, const float* gq, floa
 /* The rectangle after the one of rows [ha, hb) ending at column wb, in rectangles of ch rows
  * and cw columns, of job's plane of g: the row's next piece, the next rows, or the first of
  * the next job's plane (this thread's next, but at the end of its share of jobs). */
-static wg_next wg_after(const tap_geometry* g, const float* gy, int64_t job, int64_t ha,
+static wg_next wg_after(const tap_call* g, const float* gy, int64_t job, int64_t ha,
                         int64_t hb, int64_t wb, int64_t ch, int64_t cw) {
     const int64_t H = g->H, W = g->W, Do = g->Do;
     int64_t nh = ha, nw = wb;
@@ -933,7 +918,7 @@ static wg_next wg_after(const tap_geometry* g, const float* gy, int64_t job, int
     return next;
 }
 
-static int wg_channels(const tap_geometry* g, const float* x, const float* gy, float* gw,
+static int wg_channels(const tap_call* g, const float* x, const float* gy, float* gw,
                        float* gb) {
     const int64_t N = g->N, C = g->C, H = g->H, W = g->W, O = g->O, Do = g->Do, T = g->T;
     const int nthreads = (int)g->nthreads;
@@ -999,7 +984,7 @@ static int wg_channels(const tap_geometry* g, const float* x, const float* gy, f
 /* gw[o, c, index[t]] = sum_{n, q, p} g[n, o, q, p] * x[n, c, q + dq_t, p + off_t], gw (O, C,
  * kernel) zero elsewhere, unless gw is NULL; gb[o] = sum g[n, o, q, p] unless gb is NULL.
  * Returns 0, or -1 if out of memory (gw and gb untouched then). */
-int tap_weight_grad(const tap_geometry* g, const float* x, const float* gy, float* gw,
+int tap_weight_grad(const tap_call* g, const float* x, const float* gy, float* gw,
                     float* gb) {
     const int64_t C = g->C, O = g->O, T = g->T, kernel = g->kernel;
     float* gwp = (float*)malloc(sizeof(float) * C * T * O); /* (C, T, O): by tap */

@@ -15,7 +15,7 @@ static double uniform(void) { /* xorshift64, in [-1, 1) */
 
 /* Where output position (q, p) of a plane reads tap t of g's taps: the input plane's offset
  * (sq * H * W + row * W + column) within a channel, or -1 where the tap reads padding. */
-static int64_t source(const tap_geometry* g, int64_t q, int64_t p, int64_t t) {
+static int64_t source(const tap_call* g, int64_t q, int64_t p, int64_t t) {
     int64_t sq = q + g->taps[3 * t], sh = p / g->W + g->taps[3 * t + 1];
     int64_t sw = p % g->W + g->taps[3 * t + 2];
     if (sq < 0 || sq >= g->D || sh < 0 || sh >= g->H || sw < 0 || sw >= g->W) return -1;
@@ -23,7 +23,7 @@ static int64_t source(const tap_geometry* g, int64_t q, int64_t p, int64_t t) {
 }
 
 /* y[n, o, q, p] = bias[o] + sum_{c, t} w[t, c, o] x[n, c, source(q, p, t)] */
-static void naive_forward(const tap_geometry* g, const float* x, const float* w, const float* b,
+static void naive_forward(const tap_call* g, const float* x, const float* w, const float* b,
                           double* y) {
     int64_t P = g->H * g->W;
     for (int64_t n = 0; n < g->N; n++)
@@ -54,7 +54,7 @@ static int close_enough(const char* what, const float* got, const double* want, 
 }
 
 /* The input gradient of sum(y * gy): gx[n, c, source(q, p, t)] += w[t, c, o] gy[n, o, q, p] */
-static void naive_input_grad(const tap_geometry* g, const float* gy, const float* w, double* gx) {
+static void naive_input_grad(const tap_call* g, const float* gy, const float* w, double* gx) {
     int64_t P = g->H * g->W;
     for (int64_t i = 0; i < g->N * g->C * g->D * P; i++) gx[i] = 0.0;
     for (int64_t n = 0; n < g->N; n++)
@@ -85,8 +85,8 @@ static int one_case_at(int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, in
         for (int a = 0; a < 3; a++)
             taps[3 * t + a] = (a == 0 && D == 1) ? 0 : (int64_t)((uniform() + 1.0) * (reach + 0.5)) - reach;
     }
-    tap_geometry g = {N, C, D, H, W, O, D, T, taps, 2, index, KN, 0};
-    tap_geometry gi = {N, O, D, H, W, C, D, T, taps, 2, index, KN, 1}; /* the input gradient */
+    tap_call g = {N, C, D, H, W, O, D, T, taps, 2, index, KN, 0};
+    tap_call gi = {N, O, D, H, W, C, D, T, taps, 2, index, KN, 1}; /* the input gradient */
     int64_t P = H * W;
     float* x = malloc(sizeof(float) * N * C * D * P);
     float* w = malloc(sizeof(float) * O * C * KN);
