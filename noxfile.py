@@ -32,9 +32,10 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-m", "not slow", *session.posargs)
 
 
-# The share of maskparam's lines that tests_full must run: a little under the measured figure,
-# so that a change which leaves code untested fails CI. Raise it when coverage rises.
-COVERAGE_FLOOR = 90
+# The share of maskparam's lines that tests_full must run, in percent: the measured figure
+# rounded down (98.2% in 0.2.0), so that a change which leaves code untested fails CI. Raise
+# it when coverage rises.
+COVERAGE_FLOOR = 98
 
 
 @nox.session

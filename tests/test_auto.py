@@ -140,3 +140,21 @@ def test_explain_runs_no_timing(
     assert after.path in ("kernel", "fused")  # the recorded verdict: the taps
     layer(x)
     assert len(calls) == 1
+
+
+def test_auto_times_again_for_another_thread_count(
+    fake_timer: Callable[[dict[str, float]], list[object]],
+) -> None:
+    calls = fake_timer({"dense": 1.0, "dense_cl": 1.0, "taps": 0.1})
+    layer = apply_mask(nn.Conv3d(2, 3, 3, padding=1), cross3d(), execution="auto")
+    x = torch.randn(1, 2, 4, 4, 4)
+    threads = torch.get_num_threads()
+    layer(x)
+    try:
+        torch.set_num_threads(threads + 1)
+        layer(x)
+        layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    layer(x)
+    assert len(calls) == 2

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from maskparam import _compat, _forward, taps
+from maskparam import _forward, taps
 from maskparam.apply import apply_mask
 from maskparam.taps import decompose, paths, plan
 from tests.strategies import (
@@ -290,23 +290,6 @@ def test_without_the_conv_library() -> None:
     x = torch.randn(2, 4, 6, 6, 6)
     with torch.backends.mkldnn.flags(enabled=False):
         assert_same(run(dense, x), run(tapped, x), rtol=1e-5, atol=1e-5)
-
-
-def test_compat_convolution_backward_gives_autograds_gradients() -> None:
-    # The fused backward's one private torch op (maskparam._compat.convolution_backward).
-    x = torch.randn(2, 3, 6, 5, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, requires_grad=True)
-    args = ((1, 2), (1, 0), (2, 1))  # stride, padding, dilation
-    y = torch.nn.functional.conv2d(x, w, None, *args)
-    g = torch.randn_like(y)
-    expected = torch.autograd.grad(y, [x, w], g)
-    got = _compat.convolution_backward(g, x.detach(), w.detach(), args, 1, (True, True))
-    for want, have in zip(expected, got, strict=True):
-        assert have is not None, "convolution_backward: aten.convolution_backward gave None"
-        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
-    only_w = _compat.convolution_backward(g, x.detach(), w.detach(), args, 1, (False, True))
-    assert only_w[0] is None
-    torch.testing.assert_close(only_w[1], expected[1], rtol=1e-5, atol=1e-5)
 
 
 # -- CUDA -------------------------------------------------------------------------------------

@@ -149,8 +149,12 @@ class Call:
 
     @property
     def signature(self) -> tuple[Any, ...]:
-        """What ``execution="auto"``'s choice depends on besides the layer."""
-        return auto.signature(self.input, self.needs_grad)
+        """What ``execution="auto"``'s choice depends on besides the layer.
+
+        In eager mode, the thread count too; torch.compile reads the choice without it.
+        """
+        signature = auto.signature(self.input, self.needs_grad)
+        return signature if self.compiling else (*signature, torch.get_num_threads())
 
     @property
     def candidates(self) -> tuple[str, ...]:

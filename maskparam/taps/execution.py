@@ -216,7 +216,7 @@ class TapExecution:
         """
         module, weight, bias = call.module, call.weight, call.bias
         key = (
-            call.signature,
+            call.signature,  # the thread count included
             type(module).__name__,
             tuple(weight.shape),
             is_channels_last(weight),
@@ -227,13 +227,14 @@ class TapExecution:
             module.groups,
             module.padding_mode,
             call.boxes,
-            torch.get_num_threads(),
         )
         run = functools.partial(self._run_candidate, module)
         choice = auto.decide(
             key, call.candidates, auto.Trial(run, call.input, weight, bias, call.needs_grad)
         )
         self._choices[call.signature] = choice
+        # What torch.compile reads, which sees no thread count: the choice made last.
+        self._choices[auto.signature(call.input, call.needs_grad)] = choice
         return choice
 
     def _run_candidate(
