@@ -174,7 +174,8 @@ def _load_from_state_dict(
     # modules edit, so rewriting keys here decides what the parametrizations receive.
     assign = bool(local_metadata.get("assign_to_params_buffers", False))
     chains: nn.ModuleDict = self.parametrizations  # type: ignore[assignment]
-    _optim.release(chain.original for chain in chains.values())
+    originals = [chain._parameters.get("original") for chain in chains.values()]
+    _optim.release(t for t in originals if isinstance(t, Tensor))
     _adapt_masked_keys(self, state_dict, prefix, assign, error_msgs)
     _check_plain_parameters(self, state_dict, prefix, error_msgs)
     if assign:

@@ -263,12 +263,12 @@ def _put_back_now(optimizer: torch.optim.Optimizer) -> None:
             step.put_back()
 
 
-@torch.compiler.disable  # type: ignore[misc]
+@torch.compiler.disable  # type: ignore[untyped-decorator]
 def _eager_hold(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     _hold_now(optimizer)
 
 
-@torch.compiler.disable  # type: ignore[misc]
+@torch.compiler.disable  # type: ignore[untyped-decorator]
 def _eager_put_back(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if id(optimizer) in _steps:
         _put_back_now(optimizer)

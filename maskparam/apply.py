@@ -269,7 +269,7 @@ def _mask_and_original(module: nn.Module, name: str) -> tuple[FixedMask, Tensor]
 
 def _originals(module: nn.Module, names: tuple[str, ...]) -> list[Tensor]:
     """The stored originals of ``module``'s parametrized tensors ``names``."""
-    chains: Any = module.parametrizations  # type: ignore[union-attr]
+    chains: Any = module.parametrizations
     return [chains[name].original for name in names if name in chains]
 
 
