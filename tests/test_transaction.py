@@ -436,3 +436,53 @@ def test_sigint_is_held_only_in_the_main_thread() -> None:
     thread.join()
     assert not errors
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_an_alarm_at_random_moments_of_remove_masks_leaves_every_layer_working() -> None:
+    # A signal handler that raises (SIGALRM) at a random moment of remove_masks over 50
+    # convs: each model must still read its weights, run forward and backward, and save.
+    script = textwrap.dedent(
+        """
+        import random, signal
+        import torch
+        from torch import nn
+        from maskparam import apply_masks, masks, remove_masks
+
+        class Alarm(Exception):
+            pass
+
+        def handler(*args):
+            raise Alarm()
+
+        signal.signal(signal.SIGALRM, handler)
+        random.seed(0)
+        interrupted = 0
+        for trial in range(60):
+            model = nn.Sequential(*[nn.Conv2d(4, 4, 3) for _ in range(50)])
+            bias_mode = random.choice(["keep", "channel", "zero"])
+            apply_masks(model, masks.cross(3, ndim=2), include=nn.Conv2d, bias_mode=bias_mode)
+            signal.setitimer(signal.ITIMER_REAL, random.uniform(0, 0.02))
+            try:
+                remove_masks(model, bake=random.choice([True, False]))
+            except Alarm:
+                interrupted += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            x = torch.randn(1, 4, 5, 5)
+            for layer in model:
+                assert layer.weight is not None and layer.bias is not None
+                layer(x).sum().backward()
+            assert model.state_dict()
+        print("interrupted", interrupted)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) > 10  # the alarms really landed inside the calls
