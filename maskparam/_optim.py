@@ -241,14 +241,13 @@ def _hold_now(optimizer: torch.optim.Optimizer) -> None:
         return
     _refresh(optimizer)
     held = []
-    with torch.no_grad():
-        for param in _parameters(optimizer):
-            owners = _registry.get(id(param))
-            if owners is None or owners.param() is not param:
-                continue
-            where = owners.where(param)
-            if where is not None:
-                held.append(_Held(param, where))
+    for param in _parameters(optimizer):
+        owners = _registry.get(id(param))
+        if owners is None or owners.param() is not param:
+            continue
+        where = owners.where(param)
+        if where is not None:
+            held.append(_Held(param, where))
     if held:
         _steps[id(optimizer)] = _Step(optimizer, held)
 
@@ -259,8 +258,7 @@ def _put_back_now(optimizer: torch.optim.Optimizer) -> None:
         step = _steps.pop(id(optimizer), None)
         if step is None or step.optimizer() is not optimizer:
             return
-        with torch.no_grad():
-            step.put_back()
+        step.put_back()
 
 
 @torch.compiler.disable  # type: ignore[untyped-decorator]
@@ -311,8 +309,7 @@ class _Step:
             for held in self.held
             if not held.dropped and (params is None or id(held.param) in params)
         ]
-        with torch.no_grad():
-            moved = Counter(name for held in dropped if held.moved() for name in held.names)
+        moved = Counter(name for held in dropped if held.moved() for name in held.names)
         for held in dropped:
             held.dropped = True
         if moved:
@@ -431,8 +428,12 @@ def _bits(values: Tensor) -> Tensor:
 
 
 def _local(param: Tensor) -> Tensor:
-    """The tensor an optimizer writes for ``param``: a DTensor's local shard (FSDP2)."""
+    """The memory an optimizer writes for ``param`` (a DTensor's local shard, for FSDP2).
+
+    Detached, so that gathering and scattering record nothing for autograd: no grad-mode
+    switch that a fault between two lines could leave off.
+    """
     if _compat.is_dtensor(param):
         local: Tensor = param.to_local()  # type: ignore[attr-defined]
-        return local
-    return param
+        return local.detach()
+    return param.detach()
