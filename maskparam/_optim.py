@@ -86,8 +86,9 @@ def track(module: nn.Module) -> None:
 def mark_stale() -> None:
     """Make the next step of every optimizer check the registry against its parameters.
 
-    For changes that give a masked module new parameter objects without going through
-    :func:`track`: a load with ``assign=True``, ``to_empty``, FSDP2's sharding.
+    For a load with ``assign=True``, which gives a masked module new parameter objects. Other
+    such changes (``to_empty``, FSDP2's sharding) come before an optimizer is built, and a
+    new optimizer's first step checks the registry anyway.
     """
     _checked.clear()
 
@@ -130,7 +131,7 @@ class _Owners:
 
         self.param = weakref.ref(param, on_free)
         self.users: dict[tuple[int, str], weakref.ref[nn.Module]] = {}
-        self.cached: tuple[tuple[Any, ...], _Where] | None = None
+        self.cached: tuple[tuple[Tensor, ...], tuple[Any, ...], _Where] | None = None
 
     def where(self, param: Tensor) -> _Where | None:
         """Which entries of ``param`` to hold: those that no user keeps. None if no user.
@@ -147,15 +148,23 @@ class _Owners:
             found.append((module, key[1], masks))
         if not found:
             return None
+        # The cache keeps the masks themselves: compared by identity, a freed mask's id
+        # could come back as a new mask's.
+        every_mask = tuple(mask for _, _, masks in found for mask in masks)
         signature = (
             tuple((id(module), name) for module, name, _ in found),
-            tuple((id(m), _compat.tensor_version(m)) for _, _, masks in found for m in masks),
+            tuple(_compat.tensor_version(mask) for mask in every_mask),
             _local(param).shape,
             param.device,
         )
         cached = self.cached
-        if cached is not None and cached[0] == signature:
-            return cached[1]
+        if (
+            cached is not None
+            and cached[1] == signature
+            and len(cached[0]) == len(every_mask)
+            and all(a is b for a, b in zip(cached[0], every_mask, strict=True))
+        ):
+            return cached[2]
         keep = None
         for _, _, masks in found:
             user_keeps = masks[0]
@@ -164,7 +173,7 @@ class _Owners:
             keep = user_keeps if keep is None else keep | user_keeps
         names = [f"{layer_name(module)}.{name}" for module, name, _ in found]
         where = _Where(param, ~keep, names)  # type: ignore[operator]
-        self.cached = (signature, where)
+        self.cached = (every_mask, signature, where)
         return where
 
 
@@ -205,8 +214,8 @@ def _refresh(optimizer: Any) -> None:
     ref = _checked.get(key)
     if ref is not None and ref() is optimizer:
         return
-    for ref in list(_tracked.values()):
-        module = ref()
+    for module_ref in list(_tracked.values()):
+        module = module_ref()
         if module is not None:
             _register(module)
 

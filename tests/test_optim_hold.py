@@ -259,6 +259,28 @@ def test_a_step_looks_only_at_the_optimizers_own_parameters(
     assert len(others) == 200
 
 
+def test_a_step_holds_what_the_current_mask_masks_after_many_changes() -> None:
+    conv = _conv()
+    stored = conv.parametrizations.weight.original
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1, weight_decay=0.5)
+    gen = torch.Generator().manual_seed(0)
+    for round in range(20):
+        for _ in range(round % 3):  # masks that no step ever sees, freed again
+            set_mask(conv, torch.rand(3, 3, generator=gen) > 0.5)
+        mask = torch.rand(3, 3, generator=gen) > 0.5
+        set_mask(conv, mask)
+        if round % 4 == 0:  # edited in place: same tensor, new version
+            with torch.no_grad():
+                conv.parametrizations.weight[0].mask.logical_not_()
+            mask = ~mask
+        before = stored.detach().clone()
+        _backward(conv)
+        opt.step()
+        assert torch.equal(stored[:, :, ~mask], before[:, :, ~mask])
+        if mask.any():
+            assert not torch.equal(stored[:, :, mask], before[:, :, mask])
+
+
 def test_the_registry_forgets_modules_that_are_gone() -> None:
     gc.collect()
     start = len(_optim._registry)
