@@ -173,9 +173,7 @@ def _load_from_state_dict(
     # Runs before the module's children load, on a copy of the checkpoint that torch lets
     # modules edit, so rewriting keys here decides what the parametrizations receive.
     assign = bool(local_metadata.get("assign_to_params_buffers", False))
-    chains: nn.ModuleDict = self.parametrizations  # type: ignore[assignment]
-    originals = [chain._parameters.get("original") for chain in chains.values()]
-    _optim.release(t for t in originals if isinstance(t, Tensor))
+    _optim.release(self)  # what this load writes is newer than any held value
     _adapt_masked_keys(self, state_dict, prefix, assign, error_msgs)
     _check_plain_parameters(self, state_dict, prefix, error_msgs)
     if assign:

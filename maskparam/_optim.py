@@ -93,14 +93,21 @@ def mark_stale() -> None:
     _checked.clear()
 
 
-def release(params: Iterable[Tensor]) -> None:
-    """Drop every hold on ``params``, before maskparam itself writes them.
+def release(module: nn.Module, names: Iterable[str] | None = None) -> None:
+    """Drop every hold on the originals of ``module``'s masked ``names`` (all by default).
 
-    A step still holding values of a parameter that is being loaded, baked or given a new mask
-    either failed or is running a closure that made the call; either way, the values written
-    now are newer than the held ones, which must never be written over them.
+    Called before maskparam itself writes them (a load, a bake, a new mask). A step still
+    holding their values either failed or is running a closure that made the call; either
+    way, the values written now are newer than the held ones, which must never be written
+    over them.
     """
-    ids = {id(param) for param in params}
+    chains = module._modules.get("parametrizations")
+    if not isinstance(chains, nn.ModuleDict):
+        return
+    wanted = set(chains.keys()) if names is None else set(names)
+    ids = {
+        id(chain._parameters.get("original")) for name, chain in chains.items() if name in wanted
+    }
     for key, step in list(_steps.items()):
         step.drop(ids)
         if all(held.dropped for held in step.held):

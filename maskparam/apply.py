@@ -161,7 +161,7 @@ def remove_mask(module: nn.Module, *, name: str = "weight", bake: bool = True) -
     _checks.check_module(module, "remove_mask")
     _check_removable(module, name, bake)
     owned_bias = name == "weight" and _bias_mask_of(module) is not None
-    _optim.release(_originals(module, (name, "bias") if owned_bias else (name,)))
+    _optim.release(module, (name, "bias") if owned_bias else (name,))
     with _transaction.atomic([module]):
         for tensor_name in (name, "bias") if owned_bias else (name,):
             parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=bake)
@@ -245,7 +245,7 @@ def set_mask(module: nn.Module, mask: Tensor | Any, name: str = "weight") -> nn.
     if isinstance(execution, taps.TapExecution):
         execution_new = execution.for_mask(module, new, weight.shape)
     _checks.warn_if_empty(new, where)
-    _optim.release(_originals(module, (name, "bias") if bias_new is not None else (name,)))
+    _optim.release(module, (name, "bias") if bias_new is not None else (name,))
     with _transaction.atomic([module]):
         fixed.set_mask(new)
         if bias is not None and bias_new is not None:
@@ -265,12 +265,6 @@ def _mask_and_original(module: nn.Module, name: str) -> tuple[FixedMask, Tensor]
     assert isinstance(fixed, FixedMask)
     assert isinstance(original, Tensor)
     return fixed, original
-
-
-def _originals(module: nn.Module, names: tuple[str, ...]) -> list[Tensor]:
-    """The stored originals of ``module``'s parametrized tensors ``names``."""
-    chains: Any = module.parametrizations
-    return [chains[name].original for name in names if name in chains]
 
 
 def _prepare(
