@@ -65,7 +65,7 @@ class TapExecution:
     - ``"auto"``: the first forward for each input shape, dtype, device, layout and grad
       mode times dense, dense in channels-last layout, and the taps (forward, plus
       backward when gradients are needed), a warm-up and three interleaved rounds each on
-      the actual input (:meth:`time`), and records the fastest; dense unless another
+      the actual input (``TapExecution.time``), and records the fastest; dense unless another
       takes at most 90% of its time. The choice of path only reads that record: under
       :func:`torch.compile` it uses the recorded choice, or dense.
 
