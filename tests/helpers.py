@@ -1,8 +1,11 @@
-"""What several test files share: small masks, optimizers, and the functional conv."""
+"""What several test files share: small masks, optimizers, the functional conv, scripts."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -62,3 +65,19 @@ def train(module: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, steps:
         opt.zero_grad()
         module(x).square().mean().backward()
         opt.step()
+
+
+def run_python(script: str, timeout: float = 300) -> list[str]:
+    """Run ``script`` in a fresh Python from the repository root; the words it printed.
+
+    For tests that send real signals, which must not reach the test process itself.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.split()

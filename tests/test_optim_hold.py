@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import copy
 import gc
-import subprocess
-import sys
 import textwrap
 import threading
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from maskparam import _optim, apply_mask, masks, remove_mask, set_mask
+from tests.helpers import run_python
 
 PLUS = masks.cross(3, ndim=2)
 
@@ -396,13 +394,6 @@ def test_ctrl_c_during_steps_never_leaves_a_silent_or_partial_move() -> None:
         print("interrupts", interrupts, reported)
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).parent.parent,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    interrupts = int(result.stdout.split()[-2])
+    words = run_python(script)
+    interrupts = int(words[-2])
     assert interrupts > 40  # the signals really landed inside the steps

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -37,6 +36,7 @@ from maskparam import (
     remove_masks,
     set_mask,
 )
+from tests.helpers import run_python
 
 PLUS = masks.cross(3, ndim=2)
 TRACED = (
@@ -409,15 +409,8 @@ def test_sigint_in_the_middle_leaves_the_model_fully_masked_or_not_at_all() -> N
         print("interrupts", interrupts)
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).parent.parent,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert int(result.stdout.split()[-1]) > 30  # the signals really landed inside the calls
+    words = run_python(script)
+    assert int(words[-1]) > 30  # the signals really landed inside the calls
 
 
 def test_sigint_is_held_only_in_the_main_thread() -> None:
@@ -477,12 +470,5 @@ def test_an_alarm_at_random_moments_of_remove_masks_leaves_every_layer_working()
         print("interrupted", interrupted)
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).parent.parent,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert int(result.stdout.split()[-1]) > 10  # the alarms really landed inside the calls
+    words = run_python(script)
+    assert int(words[-1]) > 10  # the alarms really landed inside the calls
