@@ -40,10 +40,11 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-m", "not slow", *session.posargs)
 
 
-# The share of maskparam's lines that tests_full must run, in percent: a little under the
-# measured figure (97.95% in 0.2.0; hypothesis's draws move it by a few lines from run to
-# run), so that a change which leaves code untested fails CI. Raise it when coverage rises.
-COVERAGE_FLOOR = 97
+# The share of maskparam's lines that tests_full must run, in percent: the measured figure
+# rounded down (0.1.0 ran 98.0% of its lines; hypothesis's draws move the figure by a few
+# lines from run to run), so that a change which leaves code untested fails CI. Raise it when
+# coverage rises.
+COVERAGE_FLOOR = 98
 
 
 @nox.session

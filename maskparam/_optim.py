@@ -101,9 +101,7 @@ def release(module: nn.Module, names: Iterable[str] | None = None) -> None:
     way, the values written now are newer than the held ones, which must never be written
     over them.
     """
-    chains = module._modules.get("parametrizations")
-    if not isinstance(chains, nn.ModuleDict):
-        return
+    chains: nn.ModuleDict = module.parametrizations  # type: ignore[assignment]
     wanted = set(chains.keys()) if names is None else set(names)
     ids = {
         id(chain._parameters.get("original")) for name, chain in chains.items() if name in wanted
@@ -271,10 +269,11 @@ def _hold_now(optimizer: torch.optim.Optimizer) -> None:
 def _put_back_now(optimizer: torch.optim.Optimizer) -> None:
     # Ctrl-C is held until every value is back: a put-back split in two would lose some.
     with _transaction.sigint_held():
+        # A step outlives no optimizer (its weakref callback forgets it), so the step found
+        # under this id is this optimizer's.
         step = _steps.pop(id(optimizer), None)
-        if step is None or step.optimizer() is not optimizer:
-            return
-        step.put_back()
+        if step is not None:
+            step.put_back()
 
 
 @torch.compiler.disable  # type: ignore[untyped-decorator]

@@ -18,8 +18,9 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from maskparam import _optim, apply_mask, masks, remove_mask, set_mask
+from maskparam import FixedMask, _optim, apply_mask, masks, remove_mask, set_mask
 from tests.helpers import run_python
 
 PLUS = masks.cross(3, ndim=2)
@@ -397,3 +398,53 @@ def test_ctrl_c_during_steps_never_leaves_a_silent_or_partial_move() -> None:
     words = run_python(script)
     interrupts = int(words[-2])
     assert interrupts > 40  # the signals really landed inside the steps
+
+
+# -- chains with more than one parametrization, and tensors that change under a hold -----------
+
+
+class _Double(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+
+def test_masks_that_lead_a_chain_are_held_together_and_what_follows_is_not_a_mask() -> None:
+    conv = _conv()
+    eye = torch.eye(3, dtype=torch.bool)
+    parametrize.register_parametrization(conv, "weight", FixedMask(eye))  # a second mask
+    parametrize.register_parametrization(conv, "weight", _Double())  # then something else
+    parametrize.register_parametrization(conv, "bias", _Double())  # a chain with no mask
+    stored = conv.parametrizations.weight.original
+    before = stored.detach().clone()
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1, weight_decay=0.5)
+    _backward(conv)
+    opt.step()
+    keep = PLUS & eye
+    assert torch.equal(stored[:, :, ~keep], before[:, :, ~keep])
+    assert not torch.equal(stored[:, :, keep], before[:, :, keep])
+
+
+def test_no_masked_module_alive_holds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    conv = _conv()
+    monkeypatch.setattr(_optim, "_tracked", {})
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1, weight_decay=0.5)
+    _backward(conv)
+    opt.step()  # as if no module were masked: weight decay moves every entry
+    assert _optim.held_count() == 0
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype"])
+def test_a_failed_step_whose_tensor_changed_since_is_reported_not_written(change: str) -> None:
+    conv = _conv()
+    stored = conv.parametrizations.weight.original
+    opt = torch.optim.SGD([stored], lr=0.1, weight_decay=0.5)
+    _backward(conv)
+    _fail_step(opt)
+    new = torch.zeros(3, 2, 5, 5) if change == "shape" else stored.detach().double()
+    stored.data = new.clone()
+    opt.param_groups[0]["params"] = []  # nothing to step: only the stale hold is looked at
+    with pytest.warns(RuntimeWarning, match="did not finish"):
+        opt.step()
+    assert stored.dtype == new.dtype
+    assert torch.equal(stored.detach(), new)  # nothing written into the new tensor
+    assert _optim.held_count() == 0

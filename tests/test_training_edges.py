@@ -100,3 +100,10 @@ def test_an_optimizers_own_post_hook_runs_before_the_put_back() -> None:
     _train(conv, opt, steps=1)
     assert not torch.equal(seen[0], before)  # the hook saw the step's values...
     assert torch.equal(stored[:, :, ~PLUS], before)  # ...which were then put back
+
+
+def test_exception_checkpoint_masks_a_tensor_this_model_does_not() -> None:
+    checkpoint = _masked_conv().state_dict()  # the weight masked
+    model = apply_mask(nn.Conv2d(2, 3, 3, padding=1), [True, False, True], name="bias")
+    with pytest.raises(RuntimeError, match=r"holds a masked weight.*Conv2d\.weight is not masked"):
+        model.load_state_dict(checkpoint)

@@ -28,6 +28,8 @@ from torch import nn
 
 import maskparam
 from maskparam import (
+    FixedMask,
+    _module_class,
     apply_mask,
     apply_masks,
     get_mask,
@@ -472,3 +474,49 @@ def test_an_alarm_at_random_moments_of_remove_masks_leaves_every_layer_working()
     )
     words = run_python(script)
     assert int(words[-1]) > 10  # the alarms really landed inside the calls
+
+
+def test_a_failure_while_a_load_changes_masks_puts_every_mask_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = _masked(bias_mode="channel")()
+    source = _masked(bias_mode="channel")()
+    empty_filter = PLUS.expand(3, 2, 3, 3).clone()
+    empty_filter[1] = False
+    set_mask(source[0], empty_filter)
+    checkpoint = source.state_dict()
+    weight_mask = model[0].parametrizations.weight[0].mask
+    bias_mask = model[0].parametrizations.bias[0].mask
+    real = FixedMask.set_mask
+    calls = []
+
+    def flaky(self: FixedMask, *args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the weight's mask is in; the bias's fails
+            raise MemoryError("injected")
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FixedMask, "set_mask", flaky)
+    with pytest.raises(MemoryError):
+        model.load_state_dict(checkpoint)
+    assert model[0].parametrizations.weight[0].mask is weight_mask
+    assert model[0].parametrizations.bias[0].mask is bias_mask
+    assert_usable(model)
+
+
+def test_a_failure_after_parametrize_added_a_property_takes_it_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = _masked()()
+    cls = type(model[0])
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(_module_class, "adopt", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        apply_mask(model[0], [1, 0, 1], name="bias")  # parametrize adds "bias" to cls first
+    assert type(model[0]) is cls
+    assert "bias" not in vars(cls)
+    assert "bias" in model[0]._parameters
+    assert_usable(model)
