@@ -13,6 +13,11 @@ CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_TRANSPOSE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
 
+# Any 3x3 kernel mask, every tap off included: what the state machines give their one conv.
+kernel_masks_3x3 = st.lists(st.booleans(), min_size=9, max_size=9).map(
+    lambda bits: torch.tensor(bits).reshape(3, 3)
+)
+
 
 @dataclass
 class ConvCase:

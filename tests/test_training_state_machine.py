@@ -21,11 +21,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from torch import nn
 
 from maskparam import apply_mask, is_masked, remove_mask, set_mask
+from tests.strategies import kernel_masks_3x3
 
 LR, DECAY = 0.125, 0.25
-kernel_masks = st.lists(st.booleans(), min_size=9, max_size=9).map(
-    lambda bits: torch.tensor(bits).reshape(3, 3)
-)
 
 
 class Training(RuleBasedStateMachine):
@@ -56,7 +54,7 @@ class Training(RuleBasedStateMachine):
     # -- rules -------------------------------------------------------------------------
 
     @precondition(lambda self: not is_masked(self.conv))
-    @rule(mask=kernel_masks)
+    @rule(mask=kernel_masks_3x3)
     def mask_it(self, mask: torch.Tensor) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # every tap off
@@ -64,7 +62,7 @@ class Training(RuleBasedStateMachine):
         self.mask = mask
 
     @precondition(lambda self: is_masked(self.conv))
-    @rule(mask=kernel_masks)
+    @rule(mask=kernel_masks_3x3)
     def change_mask(self, mask: torch.Tensor) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
