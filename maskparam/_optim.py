@@ -305,7 +305,9 @@ class _Step:
         def on_free(ref: weakref.ref[Any]) -> None:
             _steps.pop(key, None)
 
-        self.optimizer = weakref.ref(optimizer, on_free)
+        # Kept only for its callback: a step never outlives its optimizer, so the id that
+        # finds it in _steps cannot belong to another optimizer.
+        self.on_free = weakref.ref(optimizer, on_free)
         self.name = type(optimizer).__name__
         self.held = held
 
