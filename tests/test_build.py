@@ -67,7 +67,8 @@ def status_in_a_new_process() -> str:
 
 
 def only_the_library(folder: Path) -> list[str]:
-    return sorted(os.listdir(folder))
+    """The folder's files, but for the kernel's tuning (see maskparam.taps.tune)."""
+    return sorted(name for name in os.listdir(folder) if not name.startswith("tune-"))
 
 
 # -- the environment ------------------------------------------------------------------------
@@ -191,6 +192,8 @@ def build_elsewhere(path: Path, *flags: str, source: str | None = None) -> None:
             shutil.copy(tap_kernel.PLUGIN.source, src)
         else:
             src.write_text(source)
+        for part in tap_kernel.PLUGIN.includes:  # the files it includes, beside it
+            shutil.copy(part, Path(scratch) / part.name)
         isa = tap_kernel.PLUGIN.choose_isa()
         command = ["cc", *build.FLAGS, *build.ISAS[isa][1], *flags, "-o"]
         subprocess.run([*command, str(path), str(src)], check=True, timeout=120)

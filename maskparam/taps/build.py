@@ -83,12 +83,21 @@ class Plugin:
         prefix: The prefix of those two functions.
         symbols: Every other function the library must export.
         declare: Types those functions once the library is loaded.
+        includes: The files beside ``source`` that it includes: part of the build key, so
+            that a change to any of them builds anew.
     """
 
     def __init__(
-        self, source: Path, stem: str, prefix: str, symbols: Sequence[str], declare: Declare
+        self,
+        source: Path,
+        stem: str,
+        prefix: str,
+        symbols: Sequence[str],
+        declare: Declare,
+        includes: Sequence[Path] = (),
     ) -> None:
         self.source, self.stem, self.prefix = source, stem, prefix
+        self.includes = tuple(includes)
         self.symbols = (f"{prefix}_build_key", f"{prefix}_isa", *symbols)
         self._declare = declare
         self._lock = threading.Lock()
@@ -204,7 +213,8 @@ class Plugin:
         if compiler is None:
             raise _Unavailable("no C compiler found (set CC to one)")
         flags = (*FLAGS, *ISAS[isa][1])
-        parts = [self.source.read_bytes(), " ".join(flags).encode(), compiler.encode()]
+        sources = [path.read_bytes() for path in (self.source, *self.includes)]
+        parts = [*sources, " ".join(flags).encode(), compiler.encode()]
         key = int.from_bytes(hashlib.sha256(b"\0".join(parts)).digest()[:8], "little") >> 1
         return Target(isa, compiler, flags, key)
 

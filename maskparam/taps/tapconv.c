@@ -209,6 +209,11 @@ typedef struct {
     const int64_t* index; /* (T): each tap's place in the flattened kernel of the weight */
     int64_t kernel;       /* the flattened kernel's size */
     int64_t input_grad;   /* tap_forward: 1 for the input gradient, see there */
+    int64_t layout;       /* 0: channels-first, as above; 1: channels-last (tapconv_cl.c) */
+    /* Tuning, 0 for the defaults (see tapconv_cl.c): -1 never streams stores; the most
+       vectors of output channels per channels-last forward tile; the floats per rectangle
+       of the channels-last weight gradient. */
+    int64_t stream, tile, chunk;
 } tap_call;
 
 #ifndef TAP_BUILD_KEY
@@ -461,7 +466,8 @@ static int fwd_packed(const tap_call* g, const float* x, const float* wp, const 
        y aligned and P a multiple of LANES), and each line is no longer read from memory
        first. */
     const double out_bytes = (double)sizeof(float) * N * O * Do * P;
-    const int stream = STREAMS && out_bytes >= (double)STREAM_MIN * g->nthreads &&
+    const int stream = STREAMS && g->stream >= 0 &&
+                       out_bytes >= (double)STREAM_MIN * g->nthreads &&
                        P % LANES == 0 && ((uintptr_t)y & (sizeof(vf) - 1)) == 0;
     const int64_t mstride = tiles * NV;
     plane_masks masks;
@@ -610,6 +616,8 @@ static float* pack_weight(const tap_call* g, const float* w) {
     return wp;
 }
 
+#include "tapconv_cl.c"
+
 /* y[n, o, q, p] = bias[o] + sum_{c, t} w[o, c, index[t]] * x[n, c, q + dq_t, p + off_t]: the
  * conv with weight w (O, C, kernel), contiguous, and bias (O) or NULL. With input_grad, the
  * input gradient of the conv whose weight w is (C, O, kernel): x is the output gradient, y
@@ -619,6 +627,7 @@ static float* pack_weight(const tap_call* g, const float* w) {
  * Returns 0, or -1 if out of memory (y untouched then). */
 int tap_forward(const tap_call* g, const float* x, const float* w, const float* bias,
                 float* y) {
+    if (g->layout) return cl_tap_forward(g, x, w, bias, y);
     const int64_t T = g->T, O = g->O, Opad = (O + OB - 1) / OB * OB;
     tap_call h = *g;
     int64_t* taps = (int64_t*)malloc(sizeof(int64_t) * 3 * (T + 1));
@@ -989,7 +998,9 @@ int tap_weight_grad(const tap_call* g, const float* x, const float* gy, float* g
     const int64_t C = g->C, O = g->O, T = g->T, kernel = g->kernel;
     float* gwp = (float*)malloc(sizeof(float) * C * T * O); /* (C, T, O): by tap */
     int status = -1; /* the variants write gb only once they have all their sums */
-    if (gwp && tap_weight_grad_variant(C, O, T) == WG_CHANNELS)
+    if (gwp && g->layout)
+        status = cl_weight_grad(g, x, gy, gwp, gb);
+    else if (gwp && tap_weight_grad_variant(C, O, T) == WG_CHANNELS)
         status = wg_channels(g, x, gy, gwp, gb);
     else if (gwp)
         status = wg_positions(g, x, gy, gwp, gb);

@@ -71,6 +71,49 @@ static void naive_input_grad(const tap_call* g, const float* gy, const float* w,
                     }
 }
 
+/* a (N, C, S) to (N, S, C), or back with back set: channels-first to channels-last */
+static float* relayout(const float* a, int64_t N, int64_t C, int64_t S, int back) {
+    float* b = malloc(sizeof(float) * N * C * S);
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t s = 0; s < S; s++) {
+                int64_t first = (n * C + c) * S + s, last = (n * S + s) * C + c;
+                if (back) b[first] = a[last];
+                else b[last] = a[first];
+            }
+    return b;
+}
+
+/* The channels-last kernel on the case's x and gy (made channels-last here), with tuning
+ * (tile, chunk, stream), against the same naive sums. */
+static int channels_last_case(const tap_call* g0, const tap_call* gi0, const float* x,
+                              const float* gy, const float* w, const float* b,
+                              const double* want, const double* want_gx, const double* want_gw,
+                              const double* want_gb, int64_t tile, int64_t chunk, int64_t stream,
+                              double scale_y, double scale_gx, double scale_w) {
+    const int64_t N = g0->N, C = g0->C, D = g0->D, O = g0->O, P = g0->H * g0->W;
+    const int64_t KN = g0->kernel;
+    tap_call g = *g0, gi = *gi0;
+    g.layout = gi.layout = 1;
+    g.tile = gi.tile = tile, g.chunk = gi.chunk = chunk, g.stream = gi.stream = stream;
+    float* xc = relayout(x, N, C, D * P, 0);
+    float* gyc = relayout(gy, N, O, D * P, 0);
+    float* yc = alloc64(sizeof(float) * N * O * D * P);
+    float* gxc = malloc(sizeof(float) * N * C * D * P);
+    float* gw = malloc(sizeof(float) * O * C * KN);
+    float* gb = malloc(sizeof(float) * O);
+    int ok = tap_forward(&g, xc, w, b, yc) == 0 && tap_forward(&gi, gyc, w, NULL, gxc) == 0 &&
+             tap_weight_grad(&g, xc, gyc, gw, gb) == 0;
+    float* y = relayout(yc, N, O, D * P, 1);
+    float* gx = relayout(gxc, N, C, D * P, 1);
+    ok = ok && close_enough("channels-last forward", y, want, N * O * D * P, scale_y);
+    ok = ok && close_enough("channels-last input gradient", gx, want_gx, N * C * D * P, scale_gx);
+    ok = ok && close_enough("channels-last weight gradient", gw, want_gw, O * C * KN, scale_w);
+    ok = ok && close_enough("channels-last bias gradient", gb, want_gb, O, scale_w);
+    free(xc), free(gyc), free(yc), free(gxc), free(gw), free(gb), free(y), free(gx);
+    return ok;
+}
+
 /* One case: the forward, the input gradient, and the weight and bias gradients, against the
  * naive sums in double. The weight is torch's (O, C, kernel), the taps at places 2T - 1,
  * 2T - 3, ..., 1 of a kernel of 2T + 1: the other places hold NaN, which no result may read,
@@ -85,8 +128,8 @@ static int one_case_at(int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, in
         for (int a = 0; a < 3; a++)
             taps[3 * t + a] = (a == 0 && D == 1) ? 0 : (int64_t)((uniform() + 1.0) * (reach + 0.5)) - reach;
     }
-    tap_call g = {N, C, D, H, W, O, D, T, taps, 2, index, KN, 0};
-    tap_call gi = {N, O, D, H, W, C, D, T, taps, 2, index, KN, 1}; /* the input gradient */
+    tap_call g = {N, C, D, H, W, O, D, T, taps, 2, index, KN, 0, 0, 0, 0, 0};
+    tap_call gi = {N, O, D, H, W, C, D, T, taps, 2, index, KN, 1, 0, 0, 0, 0}; /* the input gradient */
     int64_t P = H * W;
     float* x = malloc(sizeof(float) * N * C * D * P);
     float* w = malloc(sizeof(float) * O * C * KN);
@@ -136,6 +179,12 @@ static int one_case_at(int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, in
     ok = ok && close_enough("weight gradient", gw, want_gw, O * C * KN, scale);
     ok = ok && close_enough("bias gradient", gb, want_gb, O, scale);
     ok = ok && close_enough("bias gradient alone", gb_alone, want_gb, O, scale);
+    /* channels-last, with every tile width, rectangles of a row and of the default size, and
+       stores streamed where they may be and never */
+    for (int64_t tile = 1; tile <= CL_OV_MAX; tile++)
+        ok = ok && channels_last_case(&g, &gi, x, y, w, b, want, want_gx, want_gw, want_gb, tile,
+                                      tile % 2 ? 1 : 0, tile == 2 ? -1 : 0, (double)C * T,
+                                      (double)O * T * C * T, scale);
     printf("%s %s N=%lld C=%lld D=%lld H=%lld W=%lld O=%lld T=%lld weight gradient by %s%s\n",
            ok ? "ok  " : "FAIL", TAP_ISA, (long long)N, (long long)C, (long long)D, (long long)H,
            (long long)W, (long long)O, (long long)T,

@@ -1,0 +1,407 @@
+/* The tap kernel for channels-last input: included by tapconv.c, after its primitives.
+ *
+ * Layout. x is (N, D, H, W, C) and y (N, Do, H, W, O): torch's channels_last (2-D, D = 1)
+ * and channels_last_3d. The taps and the weight are as in tapconv.c. A position's channels
+ * are contiguous, so the conv is, per tap, a small matrix product: the positions of a row
+ * times the tap's (C, O) slice of the weight. The lanes hold output channels (as oneDNN's
+ * NDHWC convolutions do), and each product broadcasts one input value to a vector of them:
+ *
+ *     y[n, q, h, w, o:o+LANES] += x[n, q + dq, h + dh, w + dw, c] * wp[t, c, o:o+LANES]
+ *
+ * Forward (and input gradient, the taps negated and the weight transposed, as in tapconv.c):
+ * in parallel over output rows (n, q, h); then blocks of OV vectors of output channels; then
+ * tiles of PB positions of the row, PB * OV sums in registers; then the taps that read inside
+ * the depth and height; then the input channels. A tap that reads past the row's ends for
+ * some positions of a tile reads a per-thread copy of those positions instead, zero where
+ * the source lies outside the row. The weight is packed (T, C, Opad), Opad = O rounded up
+ * to LANES with zeros, so the last vector of output channels needs no mask but at its store.
+ *
+ * Weight gradient: in parallel over rectangles of rows of an output plane; then the taps;
+ * then blocks of SB input channels and OV vectors of output channels, SB * OV sums in
+ * registers; then the positions of the rectangle where the tap reads inside the plane, each
+ * one load of g's channels (contiguous: no transposition) and SB broadcasts of x's. Each
+ * thread keeps (T, C, Opad) partial sums that add up at the end.
+ *
+ * Tuning (tap_call's stream, tile and chunk, 0 for the defaults; maskparam/taps/tune.py
+ * picks them per CPU by timing): whether large outputs are stored around the caches, the
+ * most vectors of output channels per forward tile (wide, few positions; or narrow, many),
+ * and the floats of x and g per rectangle of the weight gradient.
+ */
+
+/* Tiles: positions per forward tile (PB), input channels per weight-gradient block (SB),
+ * per count OV of output-channel vectors. PB * OV + OV + 1 (or SB * OV + OV + 1) registers:
+ * 32 on AVX-512 and NEON, 16 on AVX2. */
+#if LANES == 8
+#define CL_OV_MAX 2
+#define CL_OV_DEFAULT 2
+#else
+#define CL_OV_MAX 4
+#define CL_OV_DEFAULT 3
+#endif
+#define CL_CHUNK_DEFAULT (1 << 13) /* floats of x and g per weight-gradient rectangle */
+
+/* What maskparam/taps/tune.py may choose from, and the choices it replaces. */
+int64_t tap_tile_max(void) { return CL_OV_MAX; }
+int64_t tap_tile_default(void) { return CL_OV_DEFAULT; }
+int64_t tap_chunk_default(void) { return CL_CHUNK_DEFAULT; }
+
+/* -- forward tiles ------------------------------------------------------------------------ */
+
+/* acc[PB][OV] += the products of nt taps over C channels: tap k reads the positions of
+ * src[k], C floats apart, and the weights of wt[k], Opad floats apart from channel to
+ * channel; then y's first np positions (O floats apart) get acc, the last vector's lanes
+ * of tail only. */
+#define CL_FWD(OV, PB)                                                                          \
+    static void cl_fwd_##OV##_##PB(const float* const* src, const float* const* wt, int64_t nt, \
+                                   int64_t C, int64_t Opad, const float* bias, float* y,         \
+                                   int64_t O, int np, lanes_t tail, int stream) {                \
+        vf acc[PB][OV];                                                                         \
+        for (int v = 0; v < OV; v++) {                                                          \
+            vf b = bias ? loadu(bias + LANES * v) : (vf){0};                                     \
+            for (int i = 0; i < PB; i++) acc[i][v] = b;                                         \
+        }                                                                                       \
+        for (int64_t k = 0; k < nt; k++) {                                                      \
+            const float* s = src[k];                                                            \
+            const float* w = wt[k];                                                             \
+            for (int64_t c = 0; c < C; c++, s++, w += Opad) {                                   \
+                vf wv[OV];                                                                      \
+                for (int v = 0; v < OV; v++) wv[v] = loadu(w + LANES * v);                      \
+                UNROLL(16)                                                                      \
+                for (int i = 0; i < PB; i++) {                                                  \
+                    vf xb = splat(s[i * C]);                                                    \
+                    for (int v = 0; v < OV; v++) acc[i][v] += xb * wv[v];                       \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+        for (int i = 0; i < np; i++) {                                                          \
+            float* yi = y + i * O;                                                              \
+            for (int v = 0; v < OV - 1; v++)                                                    \
+                if (stream) stream_store(yi + LANES * v, acc[i][v]);                            \
+                else storeu(yi + LANES * v, acc[i][v]);                                         \
+            if (stream) stream_store(yi + LANES * (OV - 1), acc[i][OV - 1]);                    \
+            else store_lanes(tail, yi + LANES * (OV - 1), acc[i][OV - 1]);                      \
+        }                                                                                       \
+    }
+
+typedef void (*cl_fwd_fn)(const float* const*, const float* const*, int64_t, int64_t, int64_t,
+                          const float*, float*, int64_t, int, lanes_t, int);
+
+/* Per OV, the tile sizes it has, the largest first; a row takes the largest that fits in
+ * what is left of it, so no tile computes positions past the row's end. */
+#define CL_SIZES 5
+#if CL_OV_MAX == 4
+CL_FWD(1, 16) CL_FWD(1, 8) CL_FWD(1, 4) CL_FWD(1, 2) CL_FWD(1, 1)
+CL_FWD(2, 12) CL_FWD(2, 8) CL_FWD(2, 4) CL_FWD(2, 2) CL_FWD(2, 1)
+CL_FWD(3, 8) CL_FWD(3, 4) CL_FWD(3, 2) CL_FWD(3, 1)
+CL_FWD(4, 6) CL_FWD(4, 4) CL_FWD(4, 2) CL_FWD(4, 1)
+static const int cl_pb[CL_OV_MAX + 1][CL_SIZES] = {
+    {0}, {16, 8, 4, 2, 1}, {12, 8, 4, 2, 1}, {8, 4, 2, 1, 0}, {6, 4, 2, 1, 0}};
+static const cl_fwd_fn cl_fwd[CL_OV_MAX + 1][CL_SIZES] = {
+    {0},
+    {cl_fwd_1_16, cl_fwd_1_8, cl_fwd_1_4, cl_fwd_1_2, cl_fwd_1_1},
+    {cl_fwd_2_12, cl_fwd_2_8, cl_fwd_2_4, cl_fwd_2_2, cl_fwd_2_1},
+    {cl_fwd_3_8, cl_fwd_3_4, cl_fwd_3_2, cl_fwd_3_1, 0},
+    {cl_fwd_4_6, cl_fwd_4_4, cl_fwd_4_2, cl_fwd_4_1, 0}};
+#else
+CL_FWD(1, 12) CL_FWD(1, 8) CL_FWD(1, 4) CL_FWD(1, 2) CL_FWD(1, 1)
+CL_FWD(2, 6) CL_FWD(2, 4) CL_FWD(2, 2) CL_FWD(2, 1)
+static const int cl_pb[CL_OV_MAX + 1][CL_SIZES] = {{0}, {12, 8, 4, 2, 1}, {6, 4, 2, 1, 0}};
+static const cl_fwd_fn cl_fwd[CL_OV_MAX + 1][CL_SIZES] = {
+    {0},
+    {cl_fwd_1_12, cl_fwd_1_8, cl_fwd_1_4, cl_fwd_1_2, cl_fwd_1_1},
+    {cl_fwd_2_6, cl_fwd_2_4, cl_fwd_2_2, cl_fwd_2_1, 0}};
+#endif
+
+/* The lanes of the last vector of a block of output channels that hold channels below O. */
+static lanes_t cl_tail(int64_t O, int64_t o_end) {
+    return lanes_from_bits(range_bits(o_end - LANES, 0, O));
+}
+
+/* The weight as cl_forward reads it: (T, C, Opad), Opad = O rounded up to LANES with
+ * zeros; w[o, c, index[t]] from w (O, C, kernel), or w[c, o, index[t]] for the input
+ * gradient (see pack_weight). NULL if out of memory. */
+static float* cl_pack_weight(const tap_call* g, const float* w, int64_t Opad) {
+    const int64_t C = g->C, O = g->O, T = g->T, kernel = g->kernel;
+    float* wp = (float*)alloc64(sizeof(float) * T * C * Opad);
+    if (!wp) return NULL;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t o = 0; o < Opad; o++) {
+                int64_t at = g->input_grad ? (c * O + o) * kernel : (o * C + c) * kernel;
+                wp[(t * C + c) * Opad + o] = o < O ? w[at + g->index[t]] : 0.f;
+            }
+    return wp;
+}
+
+/* y = conv(x), channels-last: wp from cl_pack_weight, bias (Opad) or NULL, taps as given
+ * (negated already for the input gradient). Returns 0, or -1 if out of memory. */
+static int cl_forward(const tap_call* g, const float* x, const float* wp, const float* bias,
+                      float* y) {
+    const int64_t N = g->N, C = g->C, D = g->D, H = g->H, W = g->W, O = g->O, Do = g->Do;
+    const int64_t T = g->T, *taps = g->taps;
+    const int64_t Opad = (O + LANES - 1) / LANES * LANES, nvec = Opad / LANES;
+    int ov_max = g->tile > 0 && g->tile <= CL_OV_MAX ? (int)g->tile : CL_OV_DEFAULT;
+    const double out_bytes = (double)sizeof(float) * N * Do * H * W * O;
+    const int stream = STREAMS && g->stream >= 0 && O % LANES == 0 &&
+                       out_bytes >= (double)STREAM_MIN * g->nthreads &&
+                       ((uintptr_t)y & (sizeof(vf) - 1)) == 0;
+    int failed = 0;
+#pragma omp parallel num_threads((int)g->nthreads)
+    {
+        const float** src = (const float**)malloc(sizeof(float*) * (T + 1));
+        const float** wt = (const float**)malloc(sizeof(float*) * (T + 1));
+        int64_t* tk = (int64_t*)malloc(sizeof(int64_t) * (T + 1));
+        /* per tap, the copies of one tile's positions: at most 16 positions of C floats */
+        float* edge = (float*)alloc64(sizeof(float) * (T + 1) * 16 * C);
+        if (!src || !wt || !tk || !edge) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int64_t row = 0; row < N * Do * H; row++) {
+                int64_t n = row / (Do * H), q = row / H % Do, h = row % H, nt = 0;
+                for (int64_t t = 0; t < T; t++) {
+                    int64_t sq = q + taps[3 * t], sh = h + taps[3 * t + 1];
+                    if (sq < 0 || sq >= D || sh < 0 || sh >= H) continue;
+                    tk[nt++] = t;
+                }
+                const float* xrow = x + (n * D * H) * W * C; /* (sq, sh) added per tap */
+                float* yrow = y + row * W * O;
+                for (int64_t v0 = 0; v0 < nvec; v0 += ov_max) {
+                    int ov = nvec - v0 < ov_max ? (int)(nvec - v0) : ov_max;
+                    int64_t o0 = v0 * LANES;
+                    lanes_t tail = cl_tail(O, o0 + ov * LANES);
+                    for (int64_t k = 0; k < nt; k++) wt[k] = wp + tk[k] * C * Opad + o0;
+                    for (int64_t w0 = 0; w0 < W;) {
+                        int s = 0;
+                        while (cl_pb[ov][s] > W - w0) s++;
+                        int pb = cl_pb[ov][s];
+                        for (int64_t k = 0; k < nt; k++) {
+                            const int64_t* tp = taps + 3 * tk[k];
+                            int64_t sw = w0 + tp[2];
+                            const float* at =
+                                xrow + ((q + tp[0]) * H + h + tp[1]) * W * C + sw * C;
+                            if (sw >= 0 && sw + pb <= W) {
+                                src[k] = at;
+                                continue;
+                            }
+                            float* e = edge + k * 16 * C;
+                            for (int i = 0; i < pb; i++) {
+                                if (sw + i >= 0 && sw + i < W)
+                                    memcpy(e + i * C, at + i * C, sizeof(float) * C);
+                                else
+                                    memset(e + i * C, 0, sizeof(float) * C);
+                            }
+                            src[k] = e;
+                        }
+                        cl_fwd[ov][s](src, wt, nt, C, Opad, bias ? bias + o0 : NULL,
+                                      yrow + w0 * O + o0, O, pb, tail, stream);
+                        w0 += pb;
+                    }
+                }
+            }
+            if (stream) stream_fence();
+        }
+        free(src);
+        free(wt);
+        free(tk);
+        free(edge);
+    }
+    return failed ? -1 : 0;
+}
+
+/* tap_forward for channels-last input (see there). */
+static int cl_tap_forward(const tap_call* g, const float* x, const float* w, const float* bias,
+                          float* y) {
+    const int64_t T = g->T, O = g->O, Opad = (O + LANES - 1) / LANES * LANES;
+    tap_call h = *g;
+    int64_t* taps = (int64_t*)malloc(sizeof(int64_t) * 3 * (T + 1));
+    float* wp = cl_pack_weight(g, w, Opad);
+    float* b = bias ? (float*)calloc(Opad, sizeof(float)) : NULL;
+    int status = -1;
+    if (taps && wp && (b || !bias)) {
+        for (int64_t i = 0; i < 3 * T; i++) taps[i] = g->input_grad ? -g->taps[i] : g->taps[i];
+        if (b) memcpy(b, bias, sizeof(float) * O);
+        h.taps = taps;
+        status = cl_forward(&h, x, wp, b, y);
+    }
+    free(taps);
+    free(wp);
+    free(b);
+    return status;
+}
+
+/* -- weight gradient ---------------------------------------------------------------------- */
+
+/* out[i * Opad + LANES * v] += sum over rows r < rows and positions j < cols of
+ * x0[r * xrow + j * C + i] * g0[r * grow + j * O + LANES * v], for the SB input channels i
+ * and OV vectors v of output channels. Where O is not a multiple of LANES, the last vector
+ * reads past a position's channels, into the next position's: those lanes' sums (past O)
+ * are dropped, and the caller keeps the last position of g out (see cl_wg_last). Loads
+ * masked instead would keep GCC from holding acc in registers: it stores the whole array at
+ * every step. */
+#define CL_WG(OV, SB)                                                                           \
+    static void cl_wg_##OV##_##SB(const float* x0, const float* g0, int64_t rows, int64_t cols, \
+                                  int64_t xrow, int64_t grow, int64_t C, int64_t O,             \
+                                  float* out, int64_t Opad) {                     \
+        vf acc[SB][OV];                                                                         \
+        for (int v = 0; v < OV; v++)                                                            \
+            for (int i = 0; i < SB; i++) acc[i][v] = (vf){0};                                   \
+        for (int64_t r = 0; r < rows; r++) {                                                    \
+            const float* xp = x0 + r * xrow;                                                    \
+            const float* gp = g0 + r * grow;                                                    \
+            for (int64_t j = 0; j < cols; j++, xp += C, gp += O) {                              \
+                vf gv[OV];                                                                      \
+                for (int v = 0; v < OV; v++) gv[v] = loadu(gp + LANES * v);                     \
+                for (int i = 0; i < SB; i++) {                                                  \
+                    vf xb = splat(xp[i]);                                                       \
+                    for (int v = 0; v < OV; v++) acc[i][v] += xb * gv[v];                       \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+        for (int i = 0; i < SB; i++)                                                            \
+            for (int v = 0; v < OV; v++) {                                                      \
+                float* dst = out + i * Opad + LANES * v;                                        \
+                storeu(dst, loadu(dst) + acc[i][v]);                                            \
+            }                                                                                   \
+    }
+
+typedef void (*cl_wg_fn)(const float*, const float*, int64_t, int64_t, int64_t, int64_t,
+                         int64_t, int64_t, float*, int64_t);
+
+/* The sums of cl_wg for one position, n channels, one at a time: where the vectors of g would
+ * read past its end. */
+static void cl_wg_last(const float* x, const float* g, int64_t n, int64_t O, float* out,
+                       int64_t Opad) {
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t o = 0; o < O; o++) out[i * Opad + o] += x[i] * g[o];
+}
+
+/* Per OV, the block heights it has, the largest first: C splits into the largest that fit
+ * what is left of it. */
+#if CL_OV_MAX == 4
+CL_WG(1, 16) CL_WG(1, 8) CL_WG(1, 4) CL_WG(1, 2) CL_WG(1, 1)
+CL_WG(2, 12) CL_WG(2, 8) CL_WG(2, 4) CL_WG(2, 2) CL_WG(2, 1)
+CL_WG(3, 8) CL_WG(3, 4) CL_WG(3, 2) CL_WG(3, 1)
+CL_WG(4, 6) CL_WG(4, 4) CL_WG(4, 2) CL_WG(4, 1)
+static const int cl_sb[CL_OV_MAX + 1][CL_SIZES] = {
+    {0}, {16, 8, 4, 2, 1}, {12, 8, 4, 2, 1}, {8, 4, 2, 1, 0}, {6, 4, 2, 1, 0}};
+static const cl_wg_fn cl_wg[CL_OV_MAX + 1][CL_SIZES] = {
+    {0},
+    {cl_wg_1_16, cl_wg_1_8, cl_wg_1_4, cl_wg_1_2, cl_wg_1_1},
+    {cl_wg_2_12, cl_wg_2_8, cl_wg_2_4, cl_wg_2_2, cl_wg_2_1},
+    {cl_wg_3_8, cl_wg_3_4, cl_wg_3_2, cl_wg_3_1, 0},
+    {cl_wg_4_6, cl_wg_4_4, cl_wg_4_2, cl_wg_4_1, 0}};
+#else
+CL_WG(1, 12) CL_WG(1, 8) CL_WG(1, 4) CL_WG(1, 2) CL_WG(1, 1)
+CL_WG(2, 6) CL_WG(2, 4) CL_WG(2, 2) CL_WG(2, 1)
+static const int cl_sb[CL_OV_MAX + 1][CL_SIZES] = {{0}, {12, 8, 4, 2, 1}, {6, 4, 2, 1, 0}};
+static const cl_wg_fn cl_wg[CL_OV_MAX + 1][CL_SIZES] = {
+    {0},
+    {cl_wg_1_12, cl_wg_1_8, cl_wg_1_4, cl_wg_1_2, cl_wg_1_1},
+    {cl_wg_2_6, cl_wg_2_4, cl_wg_2_2, cl_wg_2_1, 0}};
+#endif
+
+/* gw and gb as tap_weight_grad (see there), x and g channels-last; gwp (T, C, O) gets the
+ * weight sums by tap. Returns 0, or -1 if out of memory. */
+static int cl_weight_grad(const tap_call* g, const float* x, const float* gy, float* gwp,
+                          float* gb) {
+    const int64_t N = g->N, C = g->C, D = g->D, H = g->H, W = g->W, O = g->O, Do = g->Do;
+    const int64_t T = g->T, *taps = g->taps;
+    const int nthreads = (int)g->nthreads;
+    const int64_t Opad = (O + LANES - 1) / LANES * LANES, nvec = Opad / LANES;
+    const int64_t G = T * C * Opad + Opad; /* per thread: the weight sums, then the bias's */
+    int64_t chunk = g->chunk > 0 ? g->chunk : CL_CHUNK_DEFAULT;
+    int64_t rh = chunk / (W * (C + O)); /* rows per rectangle */
+    if (rh < 1) rh = 1;
+    if (rh > H) rh = H;
+    const int64_t nrect = (H + rh - 1) / rh;
+    float* acc_all = (float*)alloc64(sizeof(float) * G * nthreads);
+    if (!acc_all) return -1;
+    memset(acc_all, 0, sizeof(float) * G * nthreads);
+#pragma omp parallel num_threads(nthreads)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        float* accw = acc_all + (int64_t)tid * G;
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < N * Do * nrect; job++) {
+            int64_t n = job / (Do * nrect), q = job / nrect % Do, ha = job % nrect * rh;
+            int64_t hb = ha + rh < H ? ha + rh : H;
+            const float* gq = gy + (n * Do + q) * H * W * O;
+            if (gb)
+                for (int64_t v = 0; v < nvec; v++) {
+                    lanes_t tail = cl_tail(O, (v + 1) * LANES);
+                    vf s[4] = {{0}, {0}, {0}, {0}};
+                    int64_t p = ha * W, end = hb * W;
+                    for (; p + 4 <= end; p += 4)
+                        for (int i = 0; i < 4; i++)
+                            s[i] += load_lanes(tail, gq + (p + i) * O + LANES * v);
+                    for (; p < end; p++) s[0] += load_lanes(tail, gq + p * O + LANES * v);
+                    float* dst = accw + T * C * Opad + LANES * v;
+                    *(vf*)dst += (s[0] + s[1]) + (s[2] + s[3]);
+                }
+            for (int64_t t = 0; t < T; t++) {
+                int64_t sq = q + taps[3 * t], dh = taps[3 * t + 1], dw = taps[3 * t + 2];
+                if (sq < 0 || sq >= D) continue;
+                int64_t h0 = dh < 0 ? -dh : 0, h1 = dh > 0 ? H - dh : H;
+                int64_t w0 = dw < 0 ? -dw : 0, w1 = dw > 0 ? W - dw : W;
+                if (h0 < ha) h0 = ha;
+                if (h1 > hb) h1 = hb;
+                if (h1 <= h0 || w1 <= w0) continue;
+                const float* xs = x + (((n * D + sq) * H + h0 + dh) * W + w0 + dw) * C;
+                const float* gs = gq + (h0 * W + w0) * O;
+                /* With O not a multiple of LANES, the last vector of a position reads up to
+                   Opad - O floats on (see CL_WG): positions whose reads would pass g's end
+                   are summed one channel at a time instead. */
+                int64_t rows = h1 - h0, cols = w1 - w0;
+                const float* end = gy + N * Do * H * W * O;
+                int near_end = gs + ((rows - 1) * W + cols - 1) * O + Opad > end;
+                for (int64_t r = near_end ? 0 : rows - 1; r < rows; r++) {
+                    /* rows r on (all, unless near the end: then one at a time), safe columns */
+                    const float* gr = gs + r * W * O;
+                    int64_t safe = cols;
+                    if (near_end) {
+                        safe = gr + Opad > end ? 0 : (int64_t)((end - Opad - gr) / O) + 1;
+                        if (safe > cols) safe = cols;
+                    }
+                    int64_t r0 = near_end ? r : 0, nr = near_end ? 1 : rows;
+                    for (int64_t v0 = 0; v0 < nvec; v0 += CL_OV_MAX) {
+                        int ov = nvec - v0 < CL_OV_MAX ? (int)(nvec - v0) : CL_OV_MAX;
+                        for (int64_t c0 = 0; c0 < C;) {
+                            int s = 0;
+                            while (cl_sb[ov][s] > C - c0) s++;
+                            if (safe > 0)
+                                cl_wg[ov][s](xs + r0 * W * C + c0, gs + r0 * W * O + v0 * LANES,
+                                             nr, safe, W * C, W * O, C, O,
+                                             accw + (t * C + c0) * Opad + v0 * LANES, Opad);
+                            c0 += cl_sb[ov][s];
+                        }
+                    }
+                    for (int64_t j = safe; j < cols; j++)
+                        cl_wg_last(xs + (r0 * W + j) * C, gr + j * O, C, O, accw + t * C * Opad,
+                                   Opad);
+                }
+            }
+        }
+    }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t o = 0; o < O; o++) {
+                float s = 0.f;
+                for (int th = 0; th < nthreads; th++) s += acc_all[th * G + (t * C + c) * Opad + o];
+                gwp[(c * T + t) * O + o] = s;
+            }
+    if (gb)
+        for (int64_t o = 0; o < O; o++) {
+            float s = 0.f;
+            for (int th = 0; th < nthreads; th++) s += acc_all[th * G + T * C * Opad + o];
+            gb[o] = s;
+        }
+    free(acc_all);
+    return 0;
+}
