@@ -11,23 +11,34 @@ Sections:
 1. Parametrization overhead: a masked layer (dense execution) against the plain layer with
    the same weights, forward (under ``no_grad``) and forward+backward, with and without
    ``torch.nn.utils.parametrize.cached()``, and ``torch.nn.utils.prune.custom_from_mask``.
-2. Active-tap execution against dense masked execution, forward+backward, with input and
-   gradient in the usual contiguous layout, and again in channels-last layout; "auto" too.
+2. Active-tap execution against dense masked execution, with input and gradient in the
+   usual contiguous layout, and again in channels-last layout ("_cl"); "auto" too. Each case
+   has two lines: "fwd+bwd" times forward+backward, "fwd" the forward alone under
+   ``no_grad`` (dense, dense_cl, taps and taps_cl; auto reads n/a there). taps/dense and
+   taps/dense_cl put taps with contiguous input against dense with either layout;
+   taps_cl/dense_cl is both in channels-last. taps/best and taps_cl/best put taps, with
+   contiguous and with channels-last input, against the best dense: the faster of contiguous
+   and channels-last dense, per round (dense alone where there is no channels-last variant:
+   1-D cases and ``--brief``).
    The first line says whether the compiled tap kernel runs here
    (``maskparam.taps.kernel_status()``); where it does not, taps runs the boxes.
    Peak memory is the most tensor memory held at once during one forward+backward, beyond
-   the inputs (CUDA: the caching allocator's peak; CPU: the profiler's allocation events).
+   the inputs (CUDA: the caching allocator's peak; CPU: the profiler's allocation events);
+   it is measured for the fwd+bwd line only.
    The "random" cases have arbitrary tap sets (seeded), which the tap kernel takes as they
    are. The GF/s column is the useful work of taps (2 flops per active tap, input channel,
-   output channel and output position, for the forward, input and weight gradients) per
-   second, and "%peak" its fraction of this machine's FMA peak, measured by a small probe
-   (independent FMA chains on every thread, built for the tap kernel's instruction set) that
-   is timed among the variants, so that the fraction is a per-round ratio like the others.
+   output channel and output position, for the forward, input and weight gradients; on the
+   "fwd" line for the forward alone, a third of that) per second, and "%peak" its fraction
+   of this machine's FMA peak, measured by a small probe (independent FMA chains on every
+   thread, built for the tap kernel's instruction set) that is timed among the variants, so
+   that the fraction is a per-round ratio like the others.
 3. ``apply_masks`` and baking (``remove_masks(bake=True)``) on a ResNet-50-sized network
    with 53 convolutions, against one forward pass of that network at batch 1.
 
 ``--json OUT`` also writes the raw results to ``OUT``: the command, commit, date, machine and
 torch, and per case every variant's time in every round (seconds) beside the printed ratios.
+In section 2, "seconds" holds the forward+backward times and "forward_seconds" the forward's;
+"best_dense" in each is derived from the timed dense and dense_cl, round by round, not timed.
 
 ``--isa avx2`` measures as on a CPU with AVX2 but no AVX-512: it runs the tap kernel built for
 AVX2 (``MASKPARAM_TAP_ISA=avx2``) and caps oneDNN, which runs dense, at AVX2
@@ -165,6 +176,16 @@ def ratio(times: dict[str, list[float]], num: str, den: str) -> str:
 
 def ms(times: dict[str, list[float]], name: str) -> str:
     return f"{statistics.median(times[name]) * 1e3:8.1f}"
+
+
+def add_best_dense(times: dict[str, list[float]]) -> None:
+    """Add "best_dense" to ``times``: per round, the faster of "dense" and "dense_cl".
+
+    Taken round by round, so that ratios against it are per-round ratios like the others.
+    Without a "dense_cl" (1-D cases, ``--brief``) it is "dense".
+    """
+    other = times.get("dense_cl", times["dense"])
+    times["best_dense"] = [min(a, b) for a, b in zip(times["dense"], other, strict=True)]
 
 
 @contextlib.contextmanager
@@ -374,10 +395,14 @@ def fma_probe_step(threads: int, iters: int = 2_000_000) -> tuple[Fn, float] | N
     return lambda: lib.fma_probe(iters, threads), 2 * lanes * 12 * iters * threads
 
 
-def useful_flops(case: Case) -> float:
-    """Flops of the active taps in one forward+backward: forward, input and weight gradients."""
+def useful_flops(case: Case, backward: bool = True) -> float:
+    """Flops of the active taps in one forward+backward: forward, input and weight gradients.
+
+    Each of the three passes does the same work; ``backward=False`` counts the forward alone.
+    """
     positions = case.batch * case.size**case.ndim
-    return 3 * 2 * positions * case.c_in * case.c_out * int(case.mask.sum())
+    passes = 3 if backward else 1
+    return passes * 2 * positions * case.c_in * case.c_out * int(case.mask.sum())
 
 
 # -- sections -------------------------------------------------------------------------------
@@ -430,6 +455,40 @@ def section_overhead(
     return records
 
 
+def taps_row(
+    case: Case,
+    label: str,
+    times: dict[str, list[float]],
+    flops: float,
+    probe_flops: float | None,
+    chosen: str | None = None,
+) -> str:
+    """One line of section 2 for one pass: ``times`` with "best_dense", ``flops`` its work.
+
+    A column whose variants were not timed (channels-last, auto, the probe) reads n/a.
+    """
+
+    def per_round(num: str, den: str) -> str:
+        return ratio(times, num, den) if num in times and den in times else "n/a"
+
+    active = f"{int(case.mask.sum())}/{case.mask.numel()}"
+    dense_cl = ms(times, "dense_cl") if "dense_cl" in times else "n/a"
+    line = (
+        f"{case!s:42s} {label:7s} {active:>7s} {ms(times, 'dense')} {dense_cl:>8s} "
+        f"{ms(times, 'taps')} {per_round('taps', 'dense'):17s} "
+        f"{per_round('taps', 'dense_cl'):17s} {per_round('taps_cl', 'dense_cl'):17s} "
+        f"{per_round('taps', 'best_dense'):17s} {per_round('taps_cl', 'best_dense'):17s} "
+        f"{per_round('auto', 'dense'):17s} {chosen or 'n/a':>8s}"
+    )
+    gflops = flops / statistics.median(times["taps"]) / 1e9
+    if probe_flops is None:
+        return line + f" {gflops:6.1f}   n/a"
+    fraction = statistics.median(
+        flops / t / (probe_flops / p) for t, p in zip(times["taps"], times["peak"], strict=True)
+    )
+    return line + f" {gflops:6.1f} {100 * fraction:4.0f}%"
+
+
 def section_taps(
     cases: list[Case],
     rounds: int,
@@ -439,19 +498,26 @@ def section_taps(
     probe: tuple[Fn, float] | None,
     brief: bool = False,
 ) -> list[Record]:
-    """Time the variants of each case; ``brief``: dense and taps only (n/a for the rest)."""
+    """Time the variants of each case; ``brief``: dense and taps only (n/a for the rest).
+
+    Two lines per case: forward+backward, then the forward alone, each timed interleaved.
+    """
     print(
-        "\n== 2. Active taps, forward+backward: times in ms, ratios per round "
-        "(cf: contiguous input and gradient; cl: channels-last)"
+        "\n== 2. Active taps, forward+backward (fwd+bwd) and forward alone under no_grad (fwd): "
+        "times in ms, ratios per round\n"
+        "dense, taps: contiguous input and gradient; _cl: channels-last; best: the faster of "
+        "dense and dense_cl, per round; GF/s, %peak: the pass's useful work (fwd: a third)"
     )
     header = (
-        f"{'case':42s} {'active':>7s} {'dense':>8s} {'dense_cl':>8s} {'taps':>8s} "
+        f"{'case':42s} {'pass':7s} {'active':>7s} {'dense':>8s} {'dense_cl':>8s} {'taps':>8s} "
         f"{'taps/dense':17s} {'taps/dense_cl':17s} {'taps_cl/dense_cl':17s} "
+        f"{'taps/best':17s} {'taps_cl/best':17s} "
         f"{'auto/dense':17s} {'auto->':>8s} {'GF/s':>6s} {'%peak':>5s}"
     )
     if memory:
         header += f" {'mem taps/dense':>14s}"
     print(header)
+    probe_flops = None if probe is None else probe[1]
     records: list[Record] = []
     for case in cases:
         dense = apply_mask(case.layer(device), case.mask.to(device))
@@ -460,29 +526,25 @@ def section_taps(
         x = case.input(device)
         grad = torch.randn_like(dense(x))
         fns = {"dense": fwd_bwd(dense, x, grad), "taps": fwd_bwd(tapped, x, grad)}
+        forward_fns = {"dense": fwd(dense, x), "taps": fwd(tapped, x)}
         if not brief:
             fns["auto"] = fwd_bwd(auto, x, grad)
         if probe is not None:  # timed among the variants: %peak is a per-round ratio too
             fns["peak"] = probe[0]
-        has_cl = case.ndim >= 2 and not brief
-        if has_cl:
-            fns["dense_cl"] = fwd_bwd(dense, channels_last(x), channels_last(grad))
-            fns["taps_cl"] = fwd_bwd(tapped, channels_last(x), channels_last(grad))
+            forward_fns["peak"] = probe[0]
+        if case.ndim >= 2 and not brief:
+            x_cl, grad_cl = channels_last(x), channels_last(grad)
+            fns["dense_cl"] = fwd_bwd(dense, x_cl, grad_cl)
+            fns["taps_cl"] = fwd_bwd(tapped, x_cl, grad_cl)
+            forward_fns["dense_cl"] = fwd(dense, x_cl)
+            forward_fns["taps_cl"] = fwd(tapped, x_cl)
         times = interleaved(fns, rounds, timer)
+        add_best_dense(times)
         execution = auto.__dict__["_maskparam_execution"]
         chosen = ",".join(sorted(set(execution._choices.values()))) or "dense"
-        active = f"{int(case.mask.sum())}/{case.mask.numel()}"
-        na = f"{'n/a':17s}"
-        line = (
-            f"{case!s:42s} {active:>7s} {ms(times, 'dense')} "
-            f"{ms(times, 'dense_cl') if has_cl else '     n/a'} {ms(times, 'taps')} "
-            f"{ratio(times, 'taps', 'dense'):17s} "
-            f"{ratio(times, 'taps', 'dense_cl') if has_cl else na:17s} "
-            f"{ratio(times, 'taps_cl', 'dense_cl') if has_cl else na:17s} "
-            f"{na if brief else ratio(times, 'auto', 'dense'):17s} "
-            f"{'n/a' if brief else chosen:>8s}"
+        line = taps_row(
+            case, "fwd+bwd", times, useful_flops(case), probe_flops, None if brief else chosen
         )
-        gflops = useful_flops(case) / statistics.median(times["taps"]) / 1e9
         record: Record = {
             "case": str(case),
             "active": int(case.mask.sum()),
@@ -491,20 +553,20 @@ def section_taps(
             "useful_gflop": useful_flops(case) / 1e9,
             "seconds": times,
         }
-        if probe is not None:
-            fraction = statistics.median(
-                useful_flops(case) / t / (probe[1] / p)
-                for t, p in zip(times["taps"], times["peak"], strict=True)
-            )
-            line += f" {gflops:6.1f} {100 * fraction:4.0f}%"
-        else:
-            line += f" {gflops:6.1f}   n/a"
         if memory:
             mem_dense = peak_bytes(fns["dense"], device)
             mem_taps = peak_bytes(fns["taps"], device)
             line += f" {mem_taps / max(1, mem_dense):8.2f} ({mem_dense / 2**20:.0f} MiB)"
             record["peak_bytes"] = {"dense": mem_dense, "taps": mem_taps}
         print(line, flush=True)
+        forward_times = interleaved(forward_fns, rounds, timer)
+        add_best_dense(forward_times)
+        forward_flops = useful_flops(case, backward=False)
+        line = taps_row(case, "fwd", forward_times, forward_flops, probe_flops)
+        if memory:
+            line += f" {'n/a':>8s}"
+        print(line, flush=True)
+        record["forward_seconds"] = forward_times
         records.append(record)
     return records
 

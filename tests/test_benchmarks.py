@@ -52,3 +52,31 @@ def test_json_holds_the_raw_results(
     for variant, times in case["seconds"].items():
         assert len(times) == results["rounds"] == 1, variant
         assert all(t > 0 for t in times), variant
+
+    # Section 2 also times the forward alone, and compares taps with the faster dense layout.
+    assert {"dense", "dense_cl", "taps", "taps_cl", "best_dense"} <= set(case["forward_seconds"])
+    for key in ("seconds", "forward_seconds"):
+        times = case[key]
+        best = [min(a, b) for a, b in zip(times["dense"], times["dense_cl"], strict=True)]
+        assert times["best_dense"] == best, key
+        for variant, per_round in times.items():
+            assert len(per_round) == 1, (key, variant)
+            assert all(t > 0 for t in per_round), (key, variant)
+    section = printed[printed.index("== 2. Active taps") :]
+    for column in ("taps/dense", "taps_cl/dense_cl", "taps/best", "taps_cl/best"):
+        assert column in section, column
+    passes = [
+        line[len(case["case"]) :].split()[0]
+        for line in section.splitlines()
+        if line.startswith(case["case"])
+    ]
+    assert passes == ["fwd+bwd", "fwd"]
+
+
+def test_best_dense_is_the_faster_dense_per_round(bench: ModuleType) -> None:
+    times = {"dense": [2.0, 1.0, 3.0], "dense_cl": [1.5, 1.2, 3.0]}
+    bench.add_best_dense(times)
+    assert times["best_dense"] == [1.5, 1.0, 3.0]
+    contiguous_only = {"dense": [2.0, 1.0]}  # no channels-last variant: 1-D cases, --brief
+    bench.add_best_dense(contiguous_only)
+    assert contiguous_only["best_dense"] == [2.0, 1.0]

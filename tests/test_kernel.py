@@ -249,7 +249,7 @@ def test_kernel_double_backward_matches_dense() -> None:
     [
         ({"stride": 2}, "contiguous", torch.float32),
         ({"groups": 2}, "contiguous", torch.float32),
-        ({}, "channels_last", torch.float32),
+        ({}, "weight_channels_last", torch.float32),  # a channels-last output, from contiguous x
         ({}, "contiguous", torch.float64),
         ({"padding": 0}, "contiguous", torch.float32),  # output planes smaller than input's
         ({"padding_mode": "reflect"}, "contiguous", torch.float32),
@@ -265,8 +265,9 @@ def test_boxes_run_where_the_kernel_does_not_apply(
     layer = nn.Conv3d(4, 6, 3, **{"padding": 1, **options}).to(dtype)
     dense, tapped = twins(layer, cross3d(), "taps")
     x = torch.randn(2, 4, 6, 7, 8, dtype=dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "weight_channels_last":
+        for model in (dense, tapped):
+            model.to(memory_format=torch.channels_last_3d)
     assert_same(run(dense, x), run(tapped, x), rtol=1e-4, atol=1e-4)
     assert box_calls == [3]
     assert kernel_calls == []
@@ -379,13 +380,18 @@ def test_kernel_runs_masks_too_fragmented_for_boxes(
         x = torch.randn(2, 4, 9, 10, 11)
         grad = torch.randn_like(dense(x))
         assert_same(run(dense, x, grad), run(tapped, x, grad), rtol=1e-4, atol=1e-4)
-    if execution == "taps":
-        assert len(kernel_calls) == 1
-    # A call the kernel does not take (channels-last input) falls back to dense, and says so.
     x_cl = x.contiguous(memory_format=torch.channels_last_3d)
     if execution == "taps":
+        assert len(kernel_calls) == 1
+        # Channels-last input runs the kernel too.
+        assert_same(run(dense, x_cl, grad), run(tapped, x_cl, grad), rtol=1e-4, atol=1e-4)
+        assert len(kernel_calls) == 2
+    # A call the kernel does not take (a float64 input) falls back to dense, and says so.
+    if execution == "taps":
+        dense.double(), tapped.double()
+        x64, grad64 = x.double(), grad.double()
         with pytest.warns(UserWarning, match="the tap kernel does not take this call"):
-            assert_same(run(dense, x_cl, grad), run(tapped, x_cl, grad), rtol=1e-4, atol=1e-4)
+            assert_same(run(dense, x64, grad64), run(tapped, x64, grad64))
 
 
 @needs_kernel
@@ -497,13 +503,12 @@ Variant = Callable[[dict[str, Any]], None]
 CELLS: dict[str, list[Variant]] = {
     "any": [],
     "float32": [],
-    "contiguous": [],
+    "contiguous or channels-last": [],
     "1, 1, planes as large as the input's": [],
     "float64, or under autocast": [
         lambda call: call.update(dtype=torch.float64),
         lambda call: call.update(autocast=True),
     ],
-    "channels-last": [lambda call: call.update(channels_last=True)],
     "stride > 1, groups > 1, smaller planes, non-zero padding mode": [
         lambda call: call.update(stride=2),
         lambda call: call.update(groups=2),
@@ -514,7 +519,7 @@ CELLS: dict[str, list[Variant]] = {
 # The conditions of kernel.CONDITIONS that each cell of a row where the kernel runs states.
 STATES = {
     "float32": ["float32"],
-    "contiguous": ["contiguous input"],
+    "contiguous or channels-last": ["contiguous or channels-last input"],
     "1, 1, planes as large as the input's": [
         "stride 1",
         "one group",
@@ -564,6 +569,7 @@ def test_readme_table_matches_when_the_kernel_takes_a_call() -> None:
             if tap_kernel.isa() == isa:
                 assert f"({tap_kernel.sizes()['lanes']} lanes" in runs
                 assert explained_path(device, {}) == "kernel"
+                assert explained_path(device, {"channels_last": True}) == "kernel"
             continue
         assert runs == "boxes"
         variants = [v for cell in cells for v in CELLS[cell]]

@@ -7,12 +7,13 @@ nothing. Each call takes one path, chosen by a table of rules
 (:data:`maskparam.taps.choose.RULES`; :func:`explain` says which path a call takes, and
 why):
 
-- **The tap kernel** (CPU, float32, stride 1, one group, input in the default layout, output
-  planes as large as the input's, as with "same" padding): a small C kernel for x86-64 CPUs
-  with AVX-512, compiled with the system's C compiler at its first use and kept in a cache
-  folder (:func:`kernel_status` says whether it is in use here, and why not). It sums every
-  active tap of a position in registers, in the layout torch gives by default, and has its
-  own input and weight gradients. Under :func:`torch.compile` it is one custom op,
+- **The tap kernel** (CPU, float32, stride 1, one group, contiguous or channels-last input,
+  output planes as large as the input's, as with "same" padding): a small C kernel for
+  x86-64 CPUs with AVX-512 or AVX2 and for ARM64, compiled with the system's C compiler at
+  its first use and kept in a cache folder (:func:`kernel_status` says whether it is in use
+  here, and why not). It sums every active tap of a position in registers, in either
+  layout, and has its own input and weight gradients. The few choices in it that depend on
+  the CPU are timed once per CPU and cached (:func:`kernel_tuning`). Under :func:`torch.compile` it is one custom op,
   ``torch.ops.maskparam.tap_conv``, differentiable once.
 - **The boxes**, everywhere else: the active taps are split exactly into a few *boxes*,
   dense blocks of taps evenly spaced along each axis (a box with spacing 2 is a dilated
@@ -33,6 +34,7 @@ The subpackage, one job per file: ``boxes.py`` (the decomposition), ``plan.py`` 
 each box reads, per input size), ``memory.py`` (layout copies, scratch buffers),
 ``reference.py`` and ``fused.py`` (the box paths), ``build.py`` (compiling and caching
 ``tapconv.c``), ``kernel.py`` (the tap kernel as an op, and when it takes a call),
+``tune.py`` (the kernel's CPU-dependent choices),
 ``paths.py`` (every path, by name), ``choose.py`` (the rules), ``auto.py`` (what
 ``"auto"`` times, and how) and ``execution.py`` (what ``apply_mask`` records, which times
 ``"auto"``'s candidates). The rest of maskparam imports only this module.
@@ -57,6 +59,7 @@ from maskparam.taps.execution import (
 from maskparam.taps.kernel import kernel_status
 from maskparam.taps.memory import empty_cache
 from maskparam.taps.paths import run_boxes
+from maskparam.taps.tune import settings as kernel_tuning  # registers the kernel's tuner
 
 __all__ = [
     "EXECUTIONS",
@@ -70,6 +73,7 @@ __all__ = [
     "empty_cache",
     "explain",
     "kernel_status",
+    "kernel_tuning",
     "prepare",
     "run_boxes",
     "spatial_support",

@@ -17,21 +17,24 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from maskparam import _compat
 from maskparam.taps.build import Plugin
+from maskparam.taps.memory import is_channels_last, memory_format
 from maskparam.taps.plan import eager_cached
 
 __all__ = [
     "CONDITIONS",
     "MAX_SCRATCH",
     "PLUGIN",
+    "TUNERS",
     "TapCall",
     "TapKernel",
+    "Tuner",
     "cache_path",
     "clear",
     "conv",
@@ -45,6 +48,7 @@ __all__ = [
     "takes",
     "tap_conv",
     "tap_table",
+    "tuning",
     "weight_grad_variant",
 ]
 
@@ -59,13 +63,17 @@ class TapCall(ctypes.Structure):
         ("index", ctypes.c_void_p),
         ("kernel", ctypes.c_int64),
         ("input_grad", ctypes.c_int64),
+        *((name, ctypes.c_int64) for name in ("layout", "stream", "tile", "chunk")),
     ]
+
+
+_TUNING_SYMBOLS = ("tap_tile_max", "tap_tile_default", "tap_chunk_default")
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     """Type the kernel's functions: what Python reads of them, and what it passes."""
     size, pointer = ctypes.c_int64, ctypes.c_void_p
-    for name in ("tap_lanes", "tap_out_block", "tap_forward_tile"):
+    for name in ("tap_lanes", "tap_out_block", "tap_forward_tile", *_TUNING_SYMBOLS):
         getattr(lib, name).restype = size
     lib.tap_weight_grad_variant.restype = ctypes.c_int
     lib.tap_weight_grad_scratch.restype = size
@@ -79,10 +87,13 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 _SYMBOLS = (
     "tap_lanes", "tap_out_block", "tap_forward_tile", "tap_weight_grad_variant",
-    "tap_weight_grad_scratch", "tap_forward", "tap_weight_grad",
+    "tap_weight_grad_scratch", "tap_forward", "tap_weight_grad", *_TUNING_SYMBOLS,
 )  # fmt: skip
 
-PLUGIN = Plugin(Path(__file__).with_name("tapconv.c"), "tapconv", "tap", _SYMBOLS, _declare)
+_HERE = Path(__file__).parent
+PLUGIN = Plugin(
+    _HERE / "tapconv.c", "tapconv", "tap", _SYMBOLS, _declare, includes=[_HERE / "tapconv_cl.c"]
+)
 """The compiled kernel: built at its first use, then loaded from the cache."""
 
 
@@ -114,10 +125,15 @@ def clear() -> None:
     """Forget the loaded kernel: the next use finds (or builds) it again, as a new process."""
     PLUGIN.clear()
     _scratch_table.cache_clear()
+    for tuner in TUNERS:
+        tuner.clear()
 
 
 def kernel_status() -> str:
-    """``"ready (<isa>)"`` if the tap kernel runs here, else why not; builds it if need be.
+    """``"ready (<isa>); tuned ..."`` if the tap kernel runs here, else why not.
+
+    Builds the kernel if need be, and tunes it (:mod:`maskparam.taps.tune`): what follows
+    ``tuned`` names the choices it made on this CPU, and where they came from.
 
     The kernel needs a CPU with AVX-512, AVX2 and FMA (x86-64) or NEON (ARM64), and a C
     compiler (``$CC``, else ``cc``); it is compiled once per instruction set, at its first
@@ -129,15 +145,18 @@ def kernel_status() -> str:
 
     Example:
         >>> kernel_status()  # doctest: +SKIP
-        'ready (avx512)'
+        'ready (avx512); tuned: tile 3, chunk 8192, stream on (timed on this CPU, AMD EPYC)'
     """
-    return status()
+    if library() is None or not TUNERS:
+        return status()
+    return f"{status()}; tuned: {TUNERS[0].settings()}"
 
 
 # -- when it takes a call ---------------------------------------------------------------------
 
 CONDITIONS = (
-    "CPU, float32, stride 1, one group, contiguous input, output planes the size of the input's"
+    "CPU, float32, stride 1, one group, contiguous or channels-last input, "
+    "output planes the size of the input's"
 )
 """When the kernel takes a call, in words: :func:`takes` says it in code."""
 
@@ -178,14 +197,16 @@ def takes(
     Args:
         module: The conv: :func:`layer_takes` it.
         x: The batched input (1-D lifted to 2-D): on the CPU, float32 outside autocast
-            (which would run the dense conv in lower precision), contiguous, not empty.
+            (which would run the dense conv in lower precision), contiguous or
+            channels-last, not empty.
         w: The masked weight, lifted as ``x`` is.
         bias: The bias or None: float32.
         taps: The number of active taps: the weight gradient's per-thread sums must fit in
             :data:`MAX_SCRATCH` bytes.
         out_size: The output's spatial size: its planes (the last two axes) as large as the
             input's, as with "same" padding, and not empty.
-        out_cl: Whether the output is channels-last: it must not be.
+        out_cl: Whether the output is channels-last: then so must the input be (a
+            contiguous input with a channels-last weight runs the boxes).
     """
     return (
         layer_takes(module, w)
@@ -193,8 +214,8 @@ def takes(
         and not torch.is_autocast_enabled("cpu")
         and x.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
-        and not out_cl
-        and x.is_contiguous()
+        # The kernel reads either layout and writes the output in the one it read.
+        and (x.is_contiguous() if not out_cl else is_channels_last(x))
         and x.numel() > 0
         and tuple(out_size[-2:]) == tuple(x.shape[-2:])
         and all(n > 0 for n in out_size)
@@ -229,6 +250,9 @@ def sizes() -> dict[str, int]:
         "lanes": int(lib.tap_lanes()),
         "forward_tile_positions": int(lib.tap_forward_tile()),
         "out_block": int(lib.tap_out_block()),
+        "tile_max": int(lib.tap_tile_max()),
+        "tile_default": int(lib.tap_tile_default()),
+        "chunk_default": int(lib.tap_chunk_default()),
     }
 
 
@@ -268,15 +292,47 @@ def _as_planes(t: Tensor) -> Tensor:
 
 
 def _tap_call(
-    sizes: tuple[int, ...], offsets: Tensor, index: Tensor, w: Tensor, input_grad: bool = False
+    sizes: tuple[int, ...],
+    offsets: Tensor,
+    index: Tensor,
+    w: Tensor,
+    channels_last: bool,
+    tune: tuple[int, int, int],
+    input_grad: bool = False,
 ) -> TapCall:
-    """``sizes``: N, C, D, H, W, O, Do; ``w``: the conv's weight, lifted as the input is."""
+    """One call's ``tap_call``.
+
+    ``sizes``: N, C, D, H, W, O, Do; ``w``: the conv's weight, lifted as the input is;
+    ``tune``: the kernel's (stream, tile, chunk), see :func:`tuning`.
+    """
     kernel = math.prod(w.shape[2:])
     threads = max(1, torch.get_num_threads())
     return TapCall(
         *sizes, offsets.shape[0], offsets.data_ptr(), threads,
-        index.data_ptr(), kernel, int(input_grad),
+        index.data_ptr(), kernel, int(input_grad), int(channels_last), *tune,
     )  # fmt: skip
+
+
+class Tuner(Protocol):
+    """What chooses the kernel's tuning: :mod:`maskparam.taps.tune`, which registers itself."""
+
+    def settings(self) -> Any: ...  # noqa: D102 - a Tuning: as_call() and str()
+    def clear(self) -> None: ...  # noqa: D102
+
+
+TUNERS: list[Tuner] = []
+"""The tuner, once :mod:`maskparam.taps.tune` is imported (``maskparam.taps`` imports it):
+it times the kernel through this module, so this module cannot import it."""
+
+
+def tuning() -> tuple[int, int, int]:
+    """The kernel's tuning on this CPU: (stream, tile, chunk), as ``tap_call`` takes them.
+
+    :func:`maskparam.taps.tune.settings` picks it at the kernel's first call in a process:
+    read from its cache, or timed once per CPU; 0s (the kernel's defaults) with
+    ``MASKPARAM_TAP_TUNE=0``, or where no tuner is registered.
+    """
+    return TUNERS[0].settings().as_call() if TUNERS else (0, 0, 0)  # type: ignore[no-any-return]
 
 
 def _ok(status_code: int) -> None:
@@ -290,6 +346,11 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+def _format(x: Tensor) -> torch.memory_format:
+    """The layout the kernel reads ``x`` in, and writes the result in: channels-last or not."""
+    return memory_format(x, is_channels_last(x))
+
+
 def conv(
     x: Tensor,
     w: Tensor,
@@ -297,18 +358,23 @@ def conv(
     offsets: Tensor,
     index: Tensor,
     out_size: Sequence[int],
+    tune: tuple[int, int, int] | None = None,
 ) -> Tensor:
-    """The conv's output: ``(N, O, *out_size)``, contiguous (no autograd).
+    """The conv's output: ``(N, O, *out_size)``, in ``x``'s layout (no autograd).
 
-    The kernel reads ``w`` and ``bias`` as they are: it packs the weight itself.
+    ``x`` is contiguous or channels-last; the kernel reads ``w`` and ``bias`` as they are:
+    it packs the weight itself. ``tune``: as :func:`tuning` says, unless given.
     """
+    tune = tuning() if tune is None else tune
+    fmt = _format(x)
     planes = _as_planes(x)
     n, c, d, h, width = planes.shape
     w = w.detach().contiguous()
     b = None if bias is None else bias.detach().contiguous()
-    y = torch.empty((x.shape[0], w.shape[0], *out_size), dtype=x.dtype)
+    y = torch.empty((x.shape[0], w.shape[0], *out_size), dtype=x.dtype, memory_format=fmt)
     d_out = out_size[0] if len(out_size) == 3 else 1
-    call = _tap_call((n, c, d, h, width, w.shape[0], d_out), offsets, index, w)
+    cl = fmt != torch.contiguous_format
+    call = _tap_call((n, c, d, h, width, w.shape[0], d_out), offsets, index, w, cl, tune)
     _ok(
         _lib().tap_forward(
             ctypes.byref(call), planes.data_ptr(), w.data_ptr(),
@@ -325,23 +391,28 @@ def conv_backward(
     offsets: Tensor,
     index: Tensor,
     needs: Sequence[bool],
+    tune: tuple[int, int, int] | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The gradients of input, weight and bias that ``needs`` asks for (no autograd).
 
-    The kernel writes them in torch's layout: the weight gradient whole, zero off the taps.
+    The kernel writes them in torch's layout: the input gradient in ``x``'s, the weight
+    gradient whole, zero off the taps. ``tune``: as :func:`tuning` says, unless given.
     """
+    tune = tuning() if tune is None else tune
     need_x, need_w, need_b = needs
     lib = _lib()
-    g = grad.contiguous()
+    fmt = _format(x)
+    cl = fmt != torch.contiguous_format
+    g = grad.contiguous(memory_format=fmt)
     gp, xp = _as_planes(g), _as_planes(x)
     n, o, d_out, h, width = gp.shape
     c, d = xp.shape[1], xp.shape[2]
     w = w.detach().contiguous()
     grad_x = grad_w = grad_b = None
     if need_x:
-        grad_x = torch.empty(x.shape, dtype=x.dtype)
+        grad_x = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
         # The input gradient is the forward with the taps negated and the weight transposed.
-        call = _tap_call((n, o, d_out, h, width, c, d), offsets, index, w, input_grad=True)
+        call = _tap_call((n, o, d_out, h, width, c, d), offsets, index, w, cl, tune, True)
         _ok(
             lib.tap_forward(
                 ctypes.byref(call), gp.data_ptr(), w.data_ptr(), None, grad_x.data_ptr()
@@ -350,7 +421,7 @@ def conv_backward(
     if need_w or need_b:
         grad_w = torch.empty(w.shape, dtype=w.dtype) if need_w else None
         grad_b = torch.empty(o, dtype=x.dtype) if need_b else None
-        call = _tap_call((n, c, d, h, width, o, d_out), offsets, index, w)
+        call = _tap_call((n, c, d, h, width, o, d_out), offsets, index, w, cl, tune)
         _ok(
             lib.tap_weight_grad(
                 ctypes.byref(call), xp.data_ptr(), gp.data_ptr(),
@@ -410,8 +481,20 @@ _CONV_SCHEMA = (
 )
 _BACKWARD_SCHEMA = "(Tensor grad, Tensor x, Tensor w, Tensor offsets, Tensor index, bool[] needs)"
 
+
+def _conv_op(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None,
+    offsets: Tensor,
+    index: Tensor,
+    out_size: Sequence[int],
+) -> Tensor:
+    return conv(x, w, bias, offsets, index, out_size)
+
+
 tap_conv = torch.library.custom_op(
-    "maskparam::tap_conv", conv, mutates_args=(), schema=f"{_CONV_SCHEMA} -> Tensor"
+    "maskparam::tap_conv", _conv_op, mutates_args=(), schema=f"{_CONV_SCHEMA} -> Tensor"
 )
 """The kernel as one custom op, ``maskparam::tap_conv``, that torch.compile traces as one
 node: ``tap_conv(x, w, bias, offsets, index, list(out_size))``, as :func:`conv`.
@@ -421,7 +504,10 @@ Differentiable once (torch.compile supports no double backward anyway)."""
 @tap_conv.register_fake
 def _(x: Tensor, w: Tensor, *args: Any) -> Tensor:
     out_size = args[-1]
-    return x.new_empty((x.shape[0], w.shape[0], *out_size))
+    return torch.empty(
+        (x.shape[0], w.shape[0], *out_size), dtype=x.dtype, device=x.device,
+        memory_format=_format(x),
+    )  # fmt: skip
 
 
 def _backward_as_tensors(
@@ -443,10 +529,15 @@ _tap_conv_backward_op = torch.library.custom_op(
 @_tap_conv_backward_op.register_fake
 def _(grad: Tensor, x: Tensor, w: Tensor, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
     needs = args[-1]
-    shapes = (x.shape, w.shape, (w.shape[0],))
-    return tuple(  # type: ignore[return-value]
-        x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs, strict=True)
+    grad_x = torch.empty(
+        x.shape if needs[0] else (0,),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=_format(x) if needs[0] else torch.contiguous_format,
     )
+    rest = ((w.shape, needs[1]), ((w.shape[0],), needs[2]))
+    others = (x.new_empty(shape if need else (0,)) for shape, need in rest)
+    return (grad_x, *others)  # type: ignore[return-value]
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:

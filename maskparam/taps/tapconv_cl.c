@@ -11,9 +11,9 @@
  * Forward (and input gradient, the taps negated and the weight transposed, as in tapconv.c):
  * in parallel over output rows (n, q, h); then blocks of OV vectors of output channels; then
  * tiles of PB positions of the row, PB * OV sums in registers; then the taps that read inside
- * the depth and height; then the input channels. A tap that reads past the row's ends for
- * some positions of a tile reads a per-thread copy of those positions instead, zero where
- * the source lies outside the row. The weight is packed (T, C, Opad), Opad = O rounded up
+ * the depth and height; then the input channels. A tap that reads along the row (a column
+ * offset) reads a per-thread copy of its source row instead, padded with zeros at both
+ * ends, so that no tile checks bounds. The weight is packed (T, C, Opad), Opad = O rounded up
  * to LANES with zeros, so the last vector of output channels needs no mask but at its store.
  *
  * Weight gradient: in parallel over rectangles of rows of an output plane; then the taps;
@@ -145,29 +145,60 @@ static int cl_forward(const tap_call* g, const float* x, const float* wp, const 
     const int stream = STREAMS && g->stream >= 0 && O % LANES == 0 &&
                        out_bytes >= (double)STREAM_MIN * g->nthreads &&
                        ((uintptr_t)y & (sizeof(vf) - 1)) == 0;
+    /* Taps that read along the row (dw != 0) read a per-thread copy of their source row,
+       padded with reach zeros at both ends, so that no tile needs a bounds check; rows
+       with several such taps (a (dq, dh) pair: a slot) are copied once per output row. */
+    int64_t reach = 0, nslots = 0;
+    int64_t* slot = (int64_t*)malloc(sizeof(int64_t) * (T + 1));
+    int64_t* pair = (int64_t*)malloc(sizeof(int64_t) * 2 * (T + 1)); /* per slot: dq, dh */
+    if (!slot || !pair) {
+        free(slot);
+        free(pair);
+        return -1;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        int64_t dw = taps[3 * t + 2] < 0 ? -taps[3 * t + 2] : taps[3 * t + 2];
+        if (dw > reach) reach = dw;
+        slot[t] = -1;
+        if (dw == 0) continue;
+        for (int64_t k = 0; k < nslots && slot[t] < 0; k++)
+            if (pair[2 * k] == taps[3 * t] && pair[2 * k + 1] == taps[3 * t + 1]) slot[t] = k;
+        if (slot[t] < 0) {
+            pair[2 * nslots] = taps[3 * t], pair[2 * nslots + 1] = taps[3 * t + 1];
+            slot[t] = nslots++;
+        }
+    }
+    const int64_t rowlen = (W + 2 * reach) * C; /* floats of one padded row */
     int failed = 0;
 #pragma omp parallel num_threads((int)g->nthreads)
     {
         const float** src = (const float**)malloc(sizeof(float*) * (T + 1));
         const float** wt = (const float**)malloc(sizeof(float*) * (T + 1));
         int64_t* tk = (int64_t*)malloc(sizeof(int64_t) * (T + 1));
-        /* per tap, the copies of one tile's positions: at most 16 positions of C floats */
-        float* edge = (float*)alloc64(sizeof(float) * (T + 1) * 16 * C);
-        if (!src || !wt || !tk || !edge) {
+        float* rows = (float*)alloc64(sizeof(float) * (nslots * rowlen + 1));
+        if (!src || !wt || !tk || !rows) {
 #pragma omp atomic write
             failed = 1;
+        } else {
+            memset(rows, 0, sizeof(float) * nslots * rowlen); /* the pads stay zero */
         }
 #pragma omp barrier
         if (!failed) {
 #pragma omp for schedule(static)
             for (int64_t row = 0; row < N * Do * H; row++) {
                 int64_t n = row / (Do * H), q = row / H % Do, h = row % H, nt = 0;
+                const float* xn = x + n * D * H * W * C;
+                for (int64_t k = 0; k < nslots; k++) {
+                    int64_t sq = q + pair[2 * k], sh = h + pair[2 * k + 1];
+                    if (sq < 0 || sq >= D || sh < 0 || sh >= H) continue;
+                    memcpy(rows + k * rowlen + reach * C, xn + (sq * H + sh) * W * C,
+                           sizeof(float) * W * C);
+                }
                 for (int64_t t = 0; t < T; t++) {
                     int64_t sq = q + taps[3 * t], sh = h + taps[3 * t + 1];
                     if (sq < 0 || sq >= D || sh < 0 || sh >= H) continue;
                     tk[nt++] = t;
                 }
-                const float* xrow = x + (n * D * H) * W * C; /* (sq, sh) added per tap */
                 float* yrow = y + row * W * O;
                 for (int64_t v0 = 0; v0 < nvec; v0 += ov_max) {
                     int ov = nvec - v0 < ov_max ? (int)(nvec - v0) : ov_max;
@@ -177,28 +208,15 @@ static int cl_forward(const tap_call* g, const float* x, const float* wp, const 
                     for (int64_t w0 = 0; w0 < W;) {
                         int s = 0;
                         while (cl_pb[ov][s] > W - w0) s++;
-                        int pb = cl_pb[ov][s];
                         for (int64_t k = 0; k < nt; k++) {
                             const int64_t* tp = taps + 3 * tk[k];
-                            int64_t sw = w0 + tp[2];
-                            const float* at =
-                                xrow + ((q + tp[0]) * H + h + tp[1]) * W * C + sw * C;
-                            if (sw >= 0 && sw + pb <= W) {
-                                src[k] = at;
-                                continue;
-                            }
-                            float* e = edge + k * 16 * C;
-                            for (int i = 0; i < pb; i++) {
-                                if (sw + i >= 0 && sw + i < W)
-                                    memcpy(e + i * C, at + i * C, sizeof(float) * C);
-                                else
-                                    memset(e + i * C, 0, sizeof(float) * C);
-                            }
-                            src[k] = e;
+                            int64_t sl = slot[tk[k]];
+                            src[k] = sl < 0 ? xn + ((q + tp[0]) * H + h + tp[1]) * W * C + w0 * C
+                                            : rows + sl * rowlen + (reach + w0 + tp[2]) * C;
                         }
                         cl_fwd[ov][s](src, wt, nt, C, Opad, bias ? bias + o0 : NULL,
-                                      yrow + w0 * O + o0, O, pb, tail, stream);
-                        w0 += pb;
+                                      yrow + w0 * O + o0, O, cl_pb[ov][s], tail, stream);
+                        w0 += cl_pb[ov][s];
                     }
                 }
             }
@@ -207,8 +225,10 @@ static int cl_forward(const tap_call* g, const float* x, const float* wp, const 
         free(src);
         free(wt);
         free(tk);
-        free(edge);
+        free(rows);
     }
+    free(slot);
+    free(pair);
     return failed ? -1 : 0;
 }
 
