@@ -206,6 +206,15 @@ class TestAVX2:
         assert variant == ("channels" if by_channels else "positions")
         check_shaped_kernel(nn.Conv3d, cross3d(), (2, c_in, 5, 9, 11), c_out, {"padding": 1})
 
+    @pytest.mark.parametrize(("c_in", "c_out"), [(5, 8), (16, 3), (16, 32), (3, 40)])
+    def test_channels_last_matches_dense(self, c_in: int, c_out: int) -> None:
+        layer = nn.Conv3d(c_in, c_out, 3, padding=1)
+        dense, tapped = twins(layer, cross3d(), "taps")
+        x = torch.randn(2, c_in, 5, 9, 11).contiguous(memory_format=torch.channels_last_3d)
+        grad = torch.randn_like(dense(x))
+        assert_same(run(dense, x, grad), run(tapped, x, grad), rtol=1e-4, atol=1e-4)
+        assert taps.explain(tapped, x).path == "kernel"
+
 
 @needs_kernel
 @pytest.mark.filterwarnings("ignore:Input #:UserWarning")  # float32 on purpose

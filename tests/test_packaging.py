@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import maskparam
+from maskparam.taps import kernel as tap_kernel
 
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from 3.11")
 
@@ -72,6 +73,9 @@ def test_built_wheel_and_sdist_hold_the_license(
         assert len(licence) == 1, names
         assert archive.read(licence[0]).decode() == license_text
         metadata = archive.read(next(n for n in names if n.endswith("METADATA"))).decode()
+    # the tap kernel's C sources, which it compiles at first use
+    for source in (tap_kernel.PLUGIN.source, *tap_kernel.PLUGIN.includes):
+        assert f"maskparam/taps/{source.name}" in names
     assert "License-Expression: BSD-3-Clause" in metadata.splitlines()
     assert "License-File: LICENSE" in metadata.splitlines()
     with tarfile.open(sdist) as archive:
