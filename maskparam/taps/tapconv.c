@@ -21,6 +21,7 @@
  * end, or past the top or bottom) are masked off as the vector loads; a vector whose lanes
  * all read inside the plane loads plainly. A 2-D conv has D = 1, a 1-D conv also H = 1.
  * The input gradient is the same sum with the taps negated and the weight transposed.
+ * Channels-last input (tap_call's layout 1) runs the variant in tapconv_cl.c, included below.
  * tap_forward packs the weight it reads, and tap_weight_grad unpacks the sums it makes, into
  * torch's layout, so that Python passes tensors as they are.
  *
