@@ -13,8 +13,9 @@ why):
   its first use and kept in a cache folder (:func:`kernel_status` says whether it is in use
   here, and why not). It sums every active tap of a position in registers, in either
   layout, and has its own input and weight gradients. The few choices in it that depend on
-  the CPU are timed once per CPU and cached (:func:`kernel_tuning`). Under :func:`torch.compile` it is one custom op,
-  ``torch.ops.maskparam.tap_conv``, differentiable once.
+  the CPU are timed once per CPU and cached (:func:`kernel_tuning`). Under
+  :func:`torch.compile` it is one custom op, ``torch.ops.maskparam.tap_conv``, differentiable
+  once.
 - **The boxes**, everywhere else: the active taps are split exactly into a few *boxes*,
   dense blocks of taps evenly spaced along each axis (a box with spacing 2 is a dilated
   kernel), each run as an ordinary convolution with its slice of the weight, in

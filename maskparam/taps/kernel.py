@@ -332,7 +332,7 @@ def tuning() -> tuple[int, int, int]:
     read from its cache, or timed once per CPU; 0s (the kernel's defaults) with
     ``MASKPARAM_TAP_TUNE=0``, or where no tuner is registered.
     """
-    return TUNERS[0].settings().as_call() if TUNERS else (0, 0, 0)  # type: ignore[no-any-return]
+    return TUNERS[0].settings().as_call() if TUNERS else (0, 0, 0)
 
 
 def _ok(status_code: int) -> None:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -125,6 +126,12 @@ def _problems() -> dict[str, Callable[[tuple[int, int, int]], object]]:
     }
 
 
+def _with(tuning: Tuning, name: str, value: int) -> Tuning:
+    """``tuning`` with the choice ``name`` set to ``value``."""
+    changes: dict[str, Any] = {name: value}
+    return replace(tuning, **changes)
+
+
 def time_choices(rounds: int = 5) -> Tuning:
     """Time each choice's candidates, one choice after another, the others as chosen so far.
 
@@ -140,18 +147,18 @@ def time_choices(rounds: int = 5) -> Tuning:
             run = problems[name]
             times: dict[int, list[float]] = {v: [] for v in values}
             for value in values:  # warm up: the first call of each allocates and faults
-                run(replace(best, **{name: value}).as_call())
+                run(_with(best, name, value).as_call())
             for r in range(rounds):
                 order = values[r % len(values) :] + values[: r % len(values)]
                 for value in order:
-                    tune = replace(best, **{name: value}).as_call()
+                    tune = _with(best, name, value).as_call()
                     start = time.perf_counter()
                     run(tune)
                     times[value].append(time.perf_counter() - start)
             median = {v: statistics.median(ts) for v, ts in times.items()}
             fastest = min(values, key=median.__getitem__)
             if median[fastest] <= 0.97 * median[values[0]]:
-                best = replace(best, **{name: fastest})
+                best = _with(best, name, fastest)
     return best
 
 
