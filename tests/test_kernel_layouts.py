@@ -240,3 +240,39 @@ def test_every_tuning_computes_the_same_sums(
 
 def x_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last_3d if not x.is_contiguous() else torch.contiguous_format
+
+
+def active_taps_only(x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The conv of a 3x3x3 kernel with padding 1 in float64, as a sum over the active taps
+    only: the sums the kernel makes (dense also multiplies masked taps' zeros, so an inf or
+    NaN input spreads through them too)."""
+    padded = F.pad(x.double(), (1, 1, 1, 1, 1, 1))
+    d, h, width = x.shape[2:]
+    out = torch.zeros(x.shape[0], w.shape[0], d, h, width, dtype=torch.float64)
+    for a, b, c in mask.nonzero().tolist():
+        window = padded[:, :, a : a + d, b : b + h, c : c + width]
+        out += torch.einsum("nczyx,oc->nozyx", window, w[:, :, a, b, c].double())
+    return out
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(("c_in", "c_out"), [(5, 3), (6, 8), (16, 16), (3, 40)], ids=str)
+def test_a_non_finite_input_spreads_only_through_active_taps(
+    layout: str, c_in: int, c_out: int
+) -> None:
+    """Every term the kernel adds is a real product: no padding channel or neighbouring
+    position times a zero weight, which would turn an inf or NaN of one position into NaN
+    at another."""
+    _, tapped = twins(nn.Conv3d(c_in, c_out, 3, padding=1, bias=False), cross3d(), "taps")
+    x = torch.randn(2, c_in, 4, 5, 6)
+    x[0, -1, 1, 2, 3] = float("inf")  # the last channel: the one before any padding
+    x[1, 0, 2, 4, 5] = float("nan")  # the first channel, at the end of a row
+    x = channels_last(x) if layout == "channels_last" else x
+    with torch.no_grad():
+        got = tapped(x)
+        expected = active_taps_only(x, tapped.weight, cross3d())
+    assert got.isnan().any()
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    torch.testing.assert_close(got[finite].double(), expected[finite], rtol=1e-4, atol=1e-4)

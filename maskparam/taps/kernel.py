@@ -132,7 +132,7 @@ def clear() -> None:
 def kernel_status() -> str:
     """``"ready (<isa>); tuned ..."`` if the tap kernel runs here, else why not.
 
-    Builds the kernel if need be, and tunes it (:mod:`maskparam.taps.tune`): what follows
+    Builds the kernel if need be, and tunes it (``maskparam.taps.tune``): what follows
     ``tuned`` names the choices it made on this CPU, and where they came from.
 
     The kernel needs a CPU with AVX-512, AVX2 and FMA (x86-64) or NEON (ARM64), and a C

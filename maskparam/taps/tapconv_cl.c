@@ -232,20 +232,239 @@ static int cl_forward(const tap_call* g, const float* x, const float* wp, const 
     return failed ? -1 : 0;
 }
 
+/* -- few output channels: four input channels per product ---------------------------------- */
+
+/* With O <= LANES, a vector of output channels would leave lanes idle, or take one broadcast
+ * per product. Instead each lane holds one output channel and one of four input channels:
+ * lane 4j + k of vector v sums output OPV * v + j over input channels k, k + 4, ... (OPV =
+ * LANES / 4 outputs per vector, V <= 4 vectors). One load broadcasts four input channels of
+ * a position to every group of four lanes, and feeds V products. The store adds each group's
+ * four lanes (cl_kp_reduce). x is read from zero-padded copies of its rows whose positions
+ * are CP = C rounded up to 4 floats apart, so the padding channels are zero, not the next
+ * position's values. The weight is packed (T, CP / 4, V, LANES), zero where no channel is. */
+#define OPV (LANES / 4)
+
+/* Four floats from p in every group of four lanes. */
+static inline vf bcast4(const float* p) {
+#if LANES == 16
+    return (vf)_mm512_broadcast_f32x4(_mm_loadu_ps(p));
+#elif LANES == 8
+    return (vf)_mm256_broadcast_ps((const __m128*)p);
+#else
+    return loadu(p);
+#endif
+}
+
+/* Per group of four lanes of a (one vector of output channels each), the group's sum, in
+ * output order: out[OPV * v + j] = the sum of lanes 4j ... 4j + 3 of a[v]. As SSE's horizontal
+ * adds of four vectors, group by group, then one permutation from (j, v) to output order. */
+#if LANES == 16
+#define KP_LO 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29
+#define KP_HI 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31
+#define KP_LH 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define KP_HL 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define KP_OUT 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15
+#elif LANES == 8
+#define KP_LO 0, 8, 1, 9, 4, 12, 5, 13
+#define KP_HI 2, 10, 3, 11, 6, 14, 7, 15
+#define KP_LH 0, 1, 8, 9, 4, 5, 12, 13
+#define KP_HL 2, 3, 10, 11, 6, 7, 14, 15
+#define KP_OUT 0, 4, 1, 5, 2, 6, 3, 7
+#else
+#define KP_LO 0, 4, 1, 5
+#define KP_HI 2, 6, 3, 7
+#define KP_LH 0, 1, 4, 5
+#define KP_HL 2, 3, 6, 7
+#define KP_OUT 0, 1, 2, 3
+#endif
+static inline vf cl_kp_reduce(vf a0, vf a1, vf a2, vf a3) {
+    vf s01 = SHUFFLE(a0, a1, KP_LO) + SHUFFLE(a0, a1, KP_HI);
+    vf s23 = SHUFFLE(a2, a3, KP_LO) + SHUFFLE(a2, a3, KP_HI);
+    vf r = SHUFFLE(s01, s23, KP_LH) + SHUFFLE(s01, s23, KP_HL);
+    return SHUFFLE(r, r, KP_OUT);
+}
+
+/* As CL_FWD, for V vectors of packed output channels: src[k]'s positions CP floats apart,
+ * wt[k] the tap's packed weight; y's first np positions get the sums plus bias (LANES
+ * floats, zero past O), their first O lanes only (lanes of o). */
+#define CL_KP(V, PB)                                                                            \
+    static void cl_kp_##V##_##PB(const float* const* src, const float* const* wt, int64_t nt,  \
+                                 int64_t CP, const float* bias, float* y, int64_t O, int np,    \
+                                 lanes_t o) {                                                   \
+        vf acc[PB][V];                                                                          \
+        for (int v = 0; v < V; v++)                                                             \
+            for (int i = 0; i < PB; i++) acc[i][v] = (vf){0};                                   \
+        for (int64_t k = 0; k < nt; k++) {                                                      \
+            const float* s = src[k];                                                            \
+            const float* w = wt[k];                                                             \
+            for (int64_t c = 0; c < CP; c += 4, s += 4, w += V * LANES) {                       \
+                vf wv[V];                                                                       \
+                for (int v = 0; v < V; v++) wv[v] = loadu(w + LANES * v);                       \
+                for (int i = 0; i < PB; i++) {                                                  \
+                    vf xb = bcast4(s + i * CP);                                                 \
+                    for (int v = 0; v < V; v++) acc[i][v] += xb * wv[v];                        \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+        vf b = loadu(bias);                                                                     \
+        for (int i = 0; i < np; i++) {                                                          \
+            vf a[4] = {{0}, {0}, {0}, {0}};                                                     \
+            for (int v = 0; v < V; v++) a[v] = acc[i][v];                                       \
+            store_lanes(o, y + i * O, cl_kp_reduce(a[0], a[1], a[2], a[3]) + b);                \
+        }                                                                                       \
+    }
+
+typedef void (*cl_kp_fn)(const float* const*, const float* const*, int64_t, int64_t,
+                         const float*, float*, int64_t, int, lanes_t);
+
+#if CL_OV_MAX == 4
+CL_KP(1, 16) CL_KP(1, 8) CL_KP(1, 4) CL_KP(1, 2) CL_KP(1, 1)
+CL_KP(2, 12) CL_KP(2, 8) CL_KP(2, 4) CL_KP(2, 2) CL_KP(2, 1)
+CL_KP(3, 8) CL_KP(3, 4) CL_KP(3, 2) CL_KP(3, 1)
+CL_KP(4, 6) CL_KP(4, 4) CL_KP(4, 2) CL_KP(4, 1)
+static const cl_kp_fn cl_kp[CL_OV_MAX + 1][CL_SIZES] = {
+    {0},
+    {cl_kp_1_16, cl_kp_1_8, cl_kp_1_4, cl_kp_1_2, cl_kp_1_1},
+    {cl_kp_2_12, cl_kp_2_8, cl_kp_2_4, cl_kp_2_2, cl_kp_2_1},
+    {cl_kp_3_8, cl_kp_3_4, cl_kp_3_2, cl_kp_3_1, 0},
+    {cl_kp_4_6, cl_kp_4_4, cl_kp_4_2, cl_kp_4_1, 0}};
+#define KP_V_MAX 4
+#else /* 16 registers: up to 2 vectors; the sizes of cl_pb */
+CL_KP(1, 12) CL_KP(1, 8) CL_KP(1, 4) CL_KP(1, 2) CL_KP(1, 1)
+CL_KP(2, 6) CL_KP(2, 4) CL_KP(2, 2) CL_KP(2, 1)
+static const cl_kp_fn cl_kp[CL_OV_MAX + 1][CL_SIZES] = {
+    {0},
+    {cl_kp_1_12, cl_kp_1_8, cl_kp_1_4, cl_kp_1_2, cl_kp_1_1},
+    {cl_kp_2_6, cl_kp_2_4, cl_kp_2_2, cl_kp_2_1, 0}};
+#define KP_V_MAX 2
+#endif
+
+/* Whether cl_forward packs input channels for O output channels: O fits the vectors it has. */
+static int cl_packs_channels(int64_t O) { return O <= KP_V_MAX * OPV; }
+
+/* The weight as the packed products read it: (T, CP / 4, V, LANES), lane 4j + k of vector v
+ * holding w[o = OPV * v + j, c = 4 * c4 + k] (transposed for the input gradient, as
+ * cl_pack_weight), zero past C or O. NULL if out of memory. */
+static float* cl_kp_pack_weight(const tap_call* g, const float* w, int64_t V, int64_t CP) {
+    const int64_t C = g->C, O = g->O, T = g->T, kernel = g->kernel;
+    float* wk = (float*)alloc64(sizeof(float) * T * CP * V * OPV);
+    if (!wk) return NULL;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t c4 = 0; c4 < CP / 4; c4++)
+            for (int64_t v = 0; v < V; v++)
+                for (int l = 0; l < LANES; l++) {
+                    int64_t o = OPV * v + l / 4, c = 4 * c4 + l % 4;
+                    int64_t at = g->input_grad ? (c * O + o) * kernel : (o * C + c) * kernel;
+                    float value = o < O && c < C ? w[at + g->index[t]] : 0.f;
+                    wk[((t * (CP / 4) + c4) * V + v) * LANES + l] = value;
+                }
+    return wk;
+}
+
+/* cl_forward for O <= KP_V_MAX * OPV, with wk from cl_kp_pack_weight and bias (LANES floats,
+ * zero past O). */
+static int cl_forward_kp(const tap_call* g, const float* x, const float* wk, const float* bias,
+                         float* y) {
+    const int64_t N = g->N, C = g->C, D = g->D, H = g->H, W = g->W, O = g->O, Do = g->Do;
+    const int64_t T = g->T, *taps = g->taps;
+    const int64_t CP = (C + 3) / 4 * 4, V = (O + OPV - 1) / OPV;
+    const lanes_t o_lanes = lanes_from_bits(range_bits(0, 0, O));
+    int64_t reach = 0, nslots = 0;
+    int64_t* slot = (int64_t*)malloc(sizeof(int64_t) * (T + 1));
+    int64_t* pair = (int64_t*)malloc(sizeof(int64_t) * 2 * (T + 1));
+    if (!slot || !pair) {
+        free(slot);
+        free(pair);
+        return -1;
+    }
+    /* A slot per source row (dq, dh) that a tap reads along (dw != 0), as cl_forward; with
+       C not a multiple of 4, for every source row, whose channels need padding too. */
+    const int in_place = CP == C;
+    for (int64_t t = 0; t < T; t++) {
+        int64_t dw = taps[3 * t + 2] < 0 ? -taps[3 * t + 2] : taps[3 * t + 2];
+        if (dw > reach) reach = dw;
+        slot[t] = -1;
+        if (dw == 0 && in_place) continue;
+        for (int64_t k = 0; k < nslots && slot[t] < 0; k++)
+            if (pair[2 * k] == taps[3 * t] && pair[2 * k + 1] == taps[3 * t + 1]) slot[t] = k;
+        if (slot[t] < 0) {
+            pair[2 * nslots] = taps[3 * t], pair[2 * nslots + 1] = taps[3 * t + 1];
+            slot[t] = nslots++;
+        }
+    }
+    const int64_t rowlen = (W + 2 * reach) * CP;
+    int failed = 0;
+#pragma omp parallel num_threads((int)g->nthreads)
+    {
+        const float** src = (const float**)malloc(sizeof(float*) * (T + 1));
+        const float** wt = (const float**)malloc(sizeof(float*) * (T + 1));
+        float* rows = (float*)alloc64(sizeof(float) * (nslots * rowlen + 1));
+        if (!src || !wt || !rows) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(rows, 0, sizeof(float) * nslots * rowlen); /* pads stay zero */
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int64_t row = 0; row < N * Do * H; row++) {
+                int64_t n = row / (Do * H), q = row / H % Do, h = row % H, nt = 0;
+                const float* xn = x + n * D * H * W * C;
+                for (int64_t k = 0; k < nslots; k++) {
+                    int64_t sq = q + pair[2 * k], sh = h + pair[2 * k + 1];
+                    if (sq < 0 || sq >= D || sh < 0 || sh >= H) continue;
+                    const float* from = xn + (sq * H + sh) * W * C;
+                    float* to = rows + k * rowlen + reach * CP;
+                    if (CP == C)
+                        memcpy(to, from, sizeof(float) * W * C);
+                    else
+                        for (int64_t p = 0; p < W; p++)
+                            memcpy(to + p * CP, from + p * C, sizeof(float) * C);
+                }
+                for (int64_t t = 0; t < T; t++) {
+                    int64_t sq = q + taps[3 * t], sh = h + taps[3 * t + 1];
+                    if (sq < 0 || sq >= D || sh < 0 || sh >= H) continue;
+                    wt[nt] = wk + t * CP * V * OPV;
+                    int64_t at = slot[t] * rowlen + (reach + taps[3 * t + 2]) * CP;
+                    src[nt++] = slot[t] < 0 ? xn + (sq * H + sh) * W * C : rows + at;
+                }
+                float* yrow = y + row * W * O;
+                for (int64_t w0 = 0; w0 < W;) {
+                    int s = 0;
+                    while (cl_pb[V][s] > W - w0) s++;
+                    cl_kp[V][s](src, wt, nt, CP, bias, yrow + w0 * O, O, cl_pb[V][s], o_lanes);
+                    for (int64_t k = 0; k < nt; k++) src[k] += cl_pb[V][s] * CP;
+                    w0 += cl_pb[V][s];
+                }
+            }
+        }
+        free(src);
+        free(wt);
+        free(rows);
+    }
+    free(slot);
+    free(pair);
+    return failed ? -1 : 0;
+}
+
 /* tap_forward for channels-last input (see there). */
 static int cl_tap_forward(const tap_call* g, const float* x, const float* w, const float* bias,
                           float* y) {
     const int64_t T = g->T, O = g->O, Opad = (O + LANES - 1) / LANES * LANES;
+    const int packs = cl_packs_channels(O);
+    const int64_t CP = (g->C + 3) / 4 * 4, V = (O + OPV - 1) / OPV;
     tap_call h = *g;
     int64_t* taps = (int64_t*)malloc(sizeof(int64_t) * 3 * (T + 1));
-    float* wp = cl_pack_weight(g, w, Opad);
-    float* b = bias ? (float*)calloc(Opad, sizeof(float)) : NULL;
+    float* wp = packs ? cl_kp_pack_weight(g, w, V, CP) : cl_pack_weight(g, w, Opad);
+    /* the bias, zero past O: the packed products add a whole vector of it */
+    float* b = bias || packs ? (float*)calloc(Opad, sizeof(float)) : NULL;
     int status = -1;
-    if (taps && wp && (b || !bias)) {
+    if (taps && wp && (b || !(bias || packs))) {
         for (int64_t i = 0; i < 3 * T; i++) taps[i] = g->input_grad ? -g->taps[i] : g->taps[i];
-        if (b) memcpy(b, bias, sizeof(float) * O);
+        if (bias) memcpy(b, bias, sizeof(float) * O);
         h.taps = taps;
-        status = cl_forward(&h, x, wp, b, y);
+        status = packs ? cl_forward_kp(&h, x, wp, b, y) : cl_forward(&h, x, wp, b, y);
     }
     free(taps);
     free(wp);

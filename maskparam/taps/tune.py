@@ -206,7 +206,7 @@ def settings() -> Tuning:
     """The kernel's choices on this CPU: cached, else timed now (once per process at most).
 
     With ``MASKPARAM_TAP_TUNE=0`` (or ``false``, ``no``, ``off``), the kernel's defaults.
-    Call only where the kernel is loaded (:func:`maskparam.taps.kernel.library`).
+    Call only where the kernel is loaded (``maskparam.taps.kernel.library()``).
     """
     global _settings
     if _settings is not None:

@@ -129,7 +129,8 @@ static int one_case_at(int64_t N, int64_t C, int64_t D, int64_t H, int64_t W, in
             taps[3 * t + a] = (a == 0 && D == 1) ? 0 : (int64_t)((uniform() + 1.0) * (reach + 0.5)) - reach;
     }
     tap_call g = {N, C, D, H, W, O, D, T, taps, 2, index, KN, 0, 0, 0, 0, 0};
-    tap_call gi = {N, O, D, H, W, C, D, T, taps, 2, index, KN, 1, 0, 0, 0, 0}; /* the input gradient */
+    /* the input gradient: */
+    tap_call gi = {N, O, D, H, W, C, D, T, taps, 2, index, KN, 1, 0, 0, 0, 0};
     int64_t P = H * W;
     float* x = malloc(sizeof(float) * N * C * D * P);
     float* w = malloc(sizeof(float) * O * C * KN);
