@@ -85,7 +85,8 @@ def test_candidates_start_with_the_default_and_are_what_the_kernel_takes() -> No
     assert options["tile"][0] == sizes["tile_default"]
     assert sorted(options["tile"]) == list(range(1, sizes["tile_max"] + 1))
     assert options["chunk"][0] == sizes["chunk_default"]
-    assert options["stream"] == (tune.STREAM_ON, tune.STREAM_OFF)
+    streams = (tune.STREAM_ON, tune.STREAM_OFF) if sizes["streams"] else (tune.STREAM_ON,)
+    assert options["stream"] == streams
 
 
 class FakeClock:
@@ -145,3 +146,38 @@ def test_using_sets_the_choices_for_a_block_then_restores_them(cache: Path) -> N
     with tune.using(other):
         assert tap_kernel.tuning() == other.as_call()
     assert tune.settings() is before
+
+
+def test_a_cache_file_others_may_write_or_a_link_is_not_read(cache: Path) -> None:
+    good = {"cpu": tune.cpu_model(), "stream": 0, "tile": 1, "chunk": tune.CHUNKS[0]}
+    cache.write_text(json.dumps(good))
+    assert tune.settings().source.startswith("cached")
+    tune.clear()
+    cache.chmod(0o666)
+    assert tune.settings().source.startswith("timed")  # and replaced by a private file
+    assert cache.stat().st_mode & 0o077 == 0
+    tune.clear()
+    target = cache.with_name("elsewhere.json")
+    target.write_text(json.dumps(good))
+    cache.unlink()
+    cache.symlink_to(target)
+    assert tune.settings().source.startswith("timed")
+    assert not cache.is_symlink()  # the link replaced, its target untouched
+    assert json.loads(target.read_text()) == good
+
+
+def test_choices_are_not_written_to_a_folder_others_may_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    path = shared / "tune.json"
+    monkeypatch.setattr(tune, "_cache_file", lambda: path)
+    monkeypatch.delenv("MASKPARAM_TAP_TUNE", raising=False)
+    tune.clear()
+    try:
+        assert tune.settings().source.startswith("timed")
+        assert list(shared.iterdir()) == []
+    finally:
+        tune.clear()

@@ -33,7 +33,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["FLAGS", "ISAS", "MACHINE_ISAS", "Plugin", "Target", "cache_dir", "cpu_flags"]
+__all__ = [
+    "FLAGS", "ISAS", "MACHINE_ISAS", "Plugin", "Target", "cache_dir", "cpu_flags",
+    "private_folder", "untrusted_file",
+]  # fmt: skip
 
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast")
 """The compiler flags of every build; :data:`ISAS` adds those of the instruction set."""
@@ -326,6 +329,23 @@ def _distrust(path: Path, *, folder: bool) -> str | None:
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"is writable by its group or others (mode {stat.S_IMODE(info.st_mode):#o})"
     return None
+
+
+def private_folder(directory: Path) -> str | None:
+    """Create ``directory`` (mode 0700) if need be: None if it can be trusted, else why not.
+
+    Trusted: a folder that belongs to this user (or root) and no one else may write.
+    """
+    return _make_private_folder(directory)
+
+
+def untrusted_file(path: Path) -> str | None:
+    """Why the file at ``path`` cannot be trusted, or None if it can.
+
+    Trusted: a plain file (not a link) of this user's (or root's) that no one else may
+    write. Raises OSError if there is none.
+    """
+    return _distrust(path, folder=False)
 
 
 def _make_private_folder(directory: Path) -> str | None:

@@ -67,7 +67,7 @@ class TapCall(ctypes.Structure):
     ]
 
 
-_TUNING_SYMBOLS = ("tap_tile_max", "tap_tile_default", "tap_chunk_default")
+_TUNING_SYMBOLS = ("tap_tile_max", "tap_tile_default", "tap_chunk_default", "tap_streams")
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -253,6 +253,7 @@ def sizes() -> dict[str, int]:
         "tile_max": int(lib.tap_tile_max()),
         "tile_default": int(lib.tap_tile_default()),
         "chunk_default": int(lib.tap_chunk_default()),
+        "streams": int(lib.tap_streams()),
     }
 
 

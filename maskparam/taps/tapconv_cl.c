@@ -44,6 +44,7 @@
 int64_t tap_tile_max(void) { return CL_OV_MAX; }
 int64_t tap_tile_default(void) { return CL_OV_DEFAULT; }
 int64_t tap_chunk_default(void) { return CL_CHUNK_DEFAULT; }
+int64_t tap_streams(void) { return STREAMS; } /* whether stream matters: 0, none streams */
 
 /* -- forward tiles ------------------------------------------------------------------------ */
 

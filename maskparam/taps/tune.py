@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +62,8 @@ class Tuning:
 
     def __str__(self) -> str:
         stream = "off" if self.stream == STREAM_OFF else "on"
+        if tap_kernel.library() is not None and not tap_kernel.sizes()["streams"]:
+            stream = "n/a"  # a build that never streams
         return f"tile {self.tile}, chunk {self.chunk}, stream {stream} ({self.source})"
 
 
@@ -70,7 +73,8 @@ def candidates() -> dict[str, tuple[int, ...]]:
     tiles = range(1, sizes["tile_max"] + 1)
     default_tile, default_chunk = sizes["tile_default"], sizes["chunk_default"]
     return {
-        "stream": (STREAM_ON, STREAM_OFF),
+        # a build that never streams (AVX2, NEON) has nothing to choose there
+        "stream": (STREAM_ON, STREAM_OFF) if sizes["streams"] else (STREAM_ON,),
         "tile": (default_tile, *(t for t in tiles if t != default_tile)),
         "chunk": (default_chunk, *(c for c in CHUNKS if c != default_chunk)),
     }
@@ -144,6 +148,8 @@ def time_choices(rounds: int = 5) -> Tuning:
     problems = _problems()
     with torch.no_grad():
         for name, values in options.items():
+            if len(values) < 2:
+                continue
             run = problems[name]
             times: dict[int, list[float]] = {v: [] for v in values}
             for value in values:  # warm up: the first call of each allocates and faults
@@ -179,6 +185,8 @@ def _read(path: Path) -> Tuning | None:
     A file for another CPU, or with any value the kernel does not take, is not used.
     """
     try:
+        if build.untrusted_file(path) is not None:  # another user's, or a link
+            return None
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
@@ -192,14 +200,22 @@ def _read(path: Path) -> Tuning | None:
 
 
 def _write(path: Path, tuning: Tuning) -> None:
-    """Keep the choices for the next process; where the cache cannot be written, do without."""
+    """Keep the choices for the next process, in the kernel's cache folder if it is private.
+
+    Where it is not, or cannot be written, the next process times again.
+    """
     data = {"cpu": cpu_model(), "stream": tuning.stream, "tile": tuning.tile}
     data["chunk"] = tuning.chunk
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+    if build.private_folder(path.parent) is not None:  # a folder maskparam does not trust
+        return
+    try:
+        # a new file of a name no one can guess, then renamed over the old one: atomic
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
+            tmp.write(json.dumps(data))
+        os.replace(tmp.name, path)
+    except OSError:
+        with contextlib.suppress(OSError, NameError):
+            os.unlink(tmp.name)
 
 
 def settings() -> Tuning:
