@@ -5,7 +5,7 @@ the next: whether a large output is stored around the caches (``stream``), how m
 of output channels a channels-last tile holds (``tile``: wide and short, or narrow and
 tall), and how many floats a rectangle of the channels-last weight gradient takes
 (``chunk``: L1 or L2). :func:`settings` picks each by timing its candidates on a small conv,
-one choice after another, in about a tenth of a second, as FFTW plans or Triton autotunes.
+one choice after another, in a few hundredths of a second, as FFTW plans or Triton autotunes.
 Every candidate computes the same sums (the tests check it), so a choice changes only speed.
 
 The choices are kept in the cache folder of the compiled kernel (see
