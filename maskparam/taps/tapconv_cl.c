@@ -15,6 +15,8 @@
  * offset) reads a per-thread copy of its source row instead, padded with zeros at both
  * ends, so that no tile checks bounds. The weight is packed (T, C, Opad), Opad = O rounded up
  * to LANES with zeros, so the last vector of output channels needs no mask but at its store.
+ * With few output channels (at most a vector's worth), a lane holds one output channel and
+ * one of four input channels instead (cl_forward_kp, "few output channels" below).
  *
  * Weight gradient: in parallel over rectangles of rows of an output plane; then the taps;
  * then blocks of SB input channels and OV vectors of output channels, SB * OV sums in
