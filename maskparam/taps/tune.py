@@ -9,8 +9,9 @@ one choice after another, in a few hundredths of a second, as FFTW plans or Trit
 Every candidate computes the same sums (the tests check it), so a choice changes only speed.
 
 The choices are kept in the cache folder of the compiled kernel (see
-:mod:`maskparam.taps.build`), keyed by the CPU's model, the instruction set and the kernel's
-build: a new CPU, or a new kernel, times again. ``MASKPARAM_TAP_TUNE=0`` (or ``false``,
+:mod:`maskparam.taps.build`), in a file named after the instruction set and the kernel's
+build, which records the CPU's model: a new kernel, or another CPU model, times again (and
+replaces the file). ``MASKPARAM_TAP_TUNE=0`` (or ``false``,
 ``no``, ``off``) uses the kernel's defaults, and ``kernel_status()`` says which applies.
 """
 
@@ -44,7 +45,7 @@ STREAM_ON, STREAM_OFF = 0, -1
 """``stream``: 0 streams a large output's stores around the caches, -1 never does."""
 
 CHUNKS = (1 << 12, 1 << 13, 1 << 15)
-"""``chunk`` candidates, in floats: a rectangle in L1, half of it, or in L2."""
+"""``chunk`` candidates, in floats: 16 KB and 32 KB, which stay in L1, and 128 KB, in L2."""
 
 
 @dataclass(frozen=True)
