@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -15,7 +16,15 @@ from maskparam import taps
 from maskparam.taps import kernel as tap_kernel
 from maskparam.taps import tune
 from tests.strategies import sparse_kernel_masks
-from tests.tap_helpers import assert_same, ball, causal_type_a, cross3d, run, twins
+from tests.tap_helpers import (
+    assert_same,
+    ball,
+    causal_type_a,
+    cross3d,
+    kernel_off,
+    run,
+    twins,
+)
 
 pytestmark = pytest.mark.skipif(
     tap_kernel.library() is None, reason=f"no tap kernel here: {tap_kernel.status()}"
@@ -276,3 +285,14 @@ def test_a_non_finite_input_spreads_only_through_active_taps(
     assert torch.equal(got.isinf(), expected.isinf())
     finite = expected.isfinite()
     torch.testing.assert_close(got[finite].double(), expected[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["kernel", "boxes"])
+def test_dense_spreads_a_nan_through_masked_taps_and_taps_do_not(path: str) -> None:
+    """As the docs say: 27 outputs of a 3x3x3 window for dense, 7 for a cross's taps."""
+    dense, tapped = twins(nn.Conv3d(4, 8, 3, padding=1, bias=False), cross3d(), "taps")
+    x = torch.randn(1, 4, 5, 6, 7)
+    x[0, 1, 2, 3, 3] = float("nan")
+    with torch.no_grad(), kernel_off() if path == "boxes" else contextlib.nullcontext():
+        assert int(dense(x).isnan().any(1).sum()) == 27
+        assert int(tapped(x).isnan().any(1).sum()) == 7
