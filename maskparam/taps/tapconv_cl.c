@@ -237,14 +237,17 @@ static int cl_forward(const tap_call* g, const float* x, const float* wp, const 
 
 /* -- few output channels: four input channels per product ---------------------------------- */
 
-/* With O <= LANES, a vector of output channels would leave lanes idle, or take one broadcast
- * per product. Instead each lane holds one output channel and one of four input channels:
- * lane 4j + k of vector v sums output OPV * v + j over input channels k, k + 4, ... (OPV =
- * LANES / 4 outputs per vector, V <= 4 vectors). One load broadcasts four input channels of
- * a position to every group of four lanes, and feeds V products. The store adds each group's
- * four lanes (cl_kp_reduce). x is read from zero-padded copies of its rows whose positions
- * are CP = C rounded up to 4 floats apart, so the padding channels are zero, not the next
- * position's values. The weight is packed (T, CP / 4, V, LANES), zero where no channel is. */
+/* With at most a vector of output channels, the lanes of cl_forward would idle, or each
+ * broadcast would feed a single product. Instead each lane holds one output channel and one
+ * of four input channels: lane 4j + k of vector v sums output OPV * v + j over input
+ * channels k, k + 4, ... (OPV = LANES / 4 outputs per vector, V <= KP_V_MAX vectors, so O <=
+ * 16 on AVX-512, 4 on AVX2 and NEON). One load broadcasts four input channels of a position
+ * to every group of four lanes, and feeds V products. The store adds each group's four lanes
+ * (cl_kp_reduce). With C a multiple of 4, x is read as cl_forward reads it; else every tap
+ * reads a zero-padded copy of its source row whose positions lie CP = C rounded up to 4
+ * floats apart, so that the padding channels are zero, not the next position's values (an
+ * inf there, times a zero weight, would be NaN). The weight is packed (T, CP / 4, V, LANES),
+ * zero where no channel is. */
 #define OPV (LANES / 4)
 
 /* Four floats from p in every group of four lanes. */
