@@ -136,6 +136,85 @@ static float* cl_pack_weight(const tap_call* g, const float* w, int64_t Opad) {
     return wp;
 }
 
+/* -- zero-padded copies of source rows ---------------------------------------------------- */
+
+/* The source rows a forward reads from per-thread copies rather than from x: per copy, one
+ * source row (dq, dh) of the taps, padded with reach zero positions at both ends (so that no
+ * tile checks bounds) and with its positions cp >= C floats apart (zero channels past C).
+ * A row gets a copy where a tap reads along it (dw != 0), or, with every, for every tap; the
+ * other taps read x in place. Each output row fills the copies of its source rows once. */
+typedef struct {
+    int64_t* slot; /* per tap: its copy, or -1 (in place) */
+    int64_t* pair; /* per copy: its rows' dq, dh */
+    int64_t n, reach, len, cp; /* copies, zero positions at each end, floats per copy, stride */
+} row_copies;
+
+static void row_copies_free(row_copies* r) {
+    free(r->slot);
+    free(r->pair);
+}
+
+/* Returns 0, or -1 if out of memory (r freed then). */
+static int row_copies_make(row_copies* r, const int64_t* taps, int64_t T, int64_t W, int64_t cp,
+                           int every) {
+    r->slot = (int64_t*)malloc(sizeof(int64_t) * (T + 1));
+    r->pair = (int64_t*)malloc(sizeof(int64_t) * 2 * (T + 1));
+    r->n = r->reach = 0, r->cp = cp;
+    if (!r->slot || !r->pair) {
+        row_copies_free(r);
+        return -1;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        int64_t dw = taps[3 * t + 2] < 0 ? -taps[3 * t + 2] : taps[3 * t + 2];
+        if (dw > r->reach) r->reach = dw;
+        r->slot[t] = -1;
+        if (dw == 0 && !every) continue;
+        for (int64_t k = 0; k < r->n && r->slot[t] < 0; k++)
+            if (r->pair[2 * k] == taps[3 * t] && r->pair[2 * k + 1] == taps[3 * t + 1])
+                r->slot[t] = k;
+        if (r->slot[t] < 0) {
+            r->pair[2 * r->n] = taps[3 * t], r->pair[2 * r->n + 1] = taps[3 * t + 1];
+            r->slot[t] = r->n++;
+        }
+    }
+    r->len = (W + 2 * r->reach) * cp;
+    return 0;
+}
+
+/* A thread's buffer of copies, its padding zero (fill writes only the rows); NULL if out of
+ * memory. */
+static float* row_copies_buffer(const row_copies* r) {
+    float* rows = (float*)alloc64(sizeof(float) * (r->n * r->len + 1));
+    if (rows) memset(rows, 0, sizeof(float) * r->n * r->len);
+    return rows;
+}
+
+/* The copies of output row (q, h) of sample xn, x's (D, H, W, C): each copy's source row
+ * that lies inside the input. */
+static void row_copies_fill(const row_copies* r, float* rows, const float* xn, int64_t q,
+                            int64_t h, int64_t D, int64_t H, int64_t W, int64_t C) {
+    for (int64_t k = 0; k < r->n; k++) {
+        int64_t sq = q + r->pair[2 * k], sh = h + r->pair[2 * k + 1];
+        if (sq < 0 || sq >= D || sh < 0 || sh >= H) continue;
+        const float* from = xn + (sq * H + sh) * W * C;
+        float* to = rows + k * r->len + r->reach * r->cp;
+        if (r->cp == C)
+            memcpy(to, from, sizeof(float) * W * C);
+        else
+            for (int64_t p = 0; p < W; p++) memcpy(to + p * r->cp, from + p * C, sizeof(float) * C);
+    }
+}
+
+/* Where tap t (its offsets tap) reads for output position w0 of row (q, h): in its copy, or
+ * in x (sample xn) where it has none. */
+static inline const float* row_copies_src(const row_copies* r, const float* rows,
+                                          const float* xn, int64_t t, const int64_t* tap,
+                                          int64_t q, int64_t h, int64_t H, int64_t W, int64_t C,
+                                          int64_t w0) {
+    if (r->slot[t] < 0) return xn + (((q + tap[0]) * H + h + tap[1]) * W + w0 + tap[2]) * C;
+    return rows + r->slot[t] * r->len + (r->reach + w0 + tap[2]) * r->cp;
+}
+
 /* y = conv(x), channels-last: wp from cl_pack_weight, bias (Opad) or NULL, taps as given
  * (negated already for the input gradient). Returns 0, or -1 if out of memory. */
 static int cl_forward(const tap_call* g, const float* x, const float* wp, const float* bias,
@@ -148,42 +227,18 @@ static int cl_forward(const tap_call* g, const float* x, const float* wp, const 
     const int stream = STREAMS && g->stream >= 0 && O % LANES == 0 &&
                        out_bytes >= (double)STREAM_MIN * g->nthreads &&
                        ((uintptr_t)y & (sizeof(vf) - 1)) == 0;
-    /* Taps that read along the row (dw != 0) read a per-thread copy of their source row,
-       padded with reach zeros at both ends, so that no tile needs a bounds check; rows
-       with several such taps (a (dq, dh) pair: a slot) are copied once per output row. */
-    int64_t reach = 0, nslots = 0;
-    int64_t* slot = (int64_t*)malloc(sizeof(int64_t) * (T + 1));
-    int64_t* pair = (int64_t*)malloc(sizeof(int64_t) * 2 * (T + 1)); /* per slot: dq, dh */
-    if (!slot || !pair) {
-        free(slot);
-        free(pair);
-        return -1;
-    }
-    for (int64_t t = 0; t < T; t++) {
-        int64_t dw = taps[3 * t + 2] < 0 ? -taps[3 * t + 2] : taps[3 * t + 2];
-        if (dw > reach) reach = dw;
-        slot[t] = -1;
-        if (dw == 0) continue;
-        for (int64_t k = 0; k < nslots && slot[t] < 0; k++)
-            if (pair[2 * k] == taps[3 * t] && pair[2 * k + 1] == taps[3 * t + 1]) slot[t] = k;
-        if (slot[t] < 0) {
-            pair[2 * nslots] = taps[3 * t], pair[2 * nslots + 1] = taps[3 * t + 1];
-            slot[t] = nslots++;
-        }
-    }
-    const int64_t rowlen = (W + 2 * reach) * C; /* floats of one padded row */
+    row_copies copies;
+    if (row_copies_make(&copies, taps, T, W, C, 0)) return -1;
     int failed = 0;
 #pragma omp parallel num_threads((int)g->nthreads)
     {
         const float** src = (const float**)malloc(sizeof(float*) * (T + 1));
         const float** wt = (const float**)malloc(sizeof(float*) * (T + 1));
         int64_t* tk = (int64_t*)malloc(sizeof(int64_t) * (T + 1));
-        float* rows = (float*)alloc64(sizeof(float) * (nslots * rowlen + 1));
+        float* rows = row_copies_buffer(&copies);
         if (!src || !wt || !tk || !rows) {
 #pragma omp atomic write
             failed = 1;
-        } else {
-            memset(rows, 0, sizeof(float) * nslots * rowlen); /* the pads stay zero */
         }
 #pragma omp barrier
         if (!failed) {
@@ -191,12 +246,7 @@ static int cl_forward(const tap_call* g, const float* x, const float* wp, const 
             for (int64_t row = 0; row < N * Do * H; row++) {
                 int64_t n = row / (Do * H), q = row / H % Do, h = row % H, nt = 0;
                 const float* xn = x + n * D * H * W * C;
-                for (int64_t k = 0; k < nslots; k++) {
-                    int64_t sq = q + pair[2 * k], sh = h + pair[2 * k + 1];
-                    if (sq < 0 || sq >= D || sh < 0 || sh >= H) continue;
-                    memcpy(rows + k * rowlen + reach * C, xn + (sq * H + sh) * W * C,
-                           sizeof(float) * W * C);
-                }
+                row_copies_fill(&copies, rows, xn, q, h, D, H, W, C);
                 for (int64_t t = 0; t < T; t++) {
                     int64_t sq = q + taps[3 * t], sh = h + taps[3 * t + 1];
                     if (sq < 0 || sq >= D || sh < 0 || sh >= H) continue;
@@ -211,12 +261,9 @@ static int cl_forward(const tap_call* g, const float* x, const float* wp, const 
                     for (int64_t w0 = 0; w0 < W;) {
                         int s = 0;
                         while (cl_pb[ov][s] > W - w0) s++;
-                        for (int64_t k = 0; k < nt; k++) {
-                            const int64_t* tp = taps + 3 * tk[k];
-                            int64_t sl = slot[tk[k]];
-                            src[k] = sl < 0 ? xn + ((q + tp[0]) * H + h + tp[1]) * W * C + w0 * C
-                                            : rows + sl * rowlen + (reach + w0 + tp[2]) * C;
-                        }
+                        for (int64_t k = 0; k < nt; k++)
+                            src[k] = row_copies_src(&copies, rows, xn, tk[k], taps + 3 * tk[k],
+                                                    q, h, H, W, C, w0);
                         cl_fwd[ov][s](src, wt, nt, C, Opad, bias ? bias + o0 : NULL,
                                       yrow + w0 * O + o0, O, cl_pb[ov][s], tail, stream);
                         w0 += cl_pb[ov][s];
@@ -230,8 +277,7 @@ static int cl_forward(const tap_call* g, const float* x, const float* wp, const 
         free(tk);
         free(rows);
     }
-    free(slot);
-    free(pair);
+    row_copies_free(&copies);
     return failed ? -1 : 0;
 }
 
@@ -375,41 +421,19 @@ static int cl_forward_kp(const tap_call* g, const float* x, const float* wk, con
     const int64_t T = g->T, *taps = g->taps;
     const int64_t CP = (C + 3) / 4 * 4, V = (O + OPV - 1) / OPV;
     const lanes_t o_lanes = lanes_from_bits(range_bits(0, 0, O));
-    int64_t reach = 0, nslots = 0;
-    int64_t* slot = (int64_t*)malloc(sizeof(int64_t) * (T + 1));
-    int64_t* pair = (int64_t*)malloc(sizeof(int64_t) * 2 * (T + 1));
-    if (!slot || !pair) {
-        free(slot);
-        free(pair);
-        return -1;
-    }
-    /* A slot per source row (dq, dh) that a tap reads along (dw != 0), as cl_forward; with
-       C not a multiple of 4, for every source row, whose channels need padding too. */
-    const int in_place = CP == C;
-    for (int64_t t = 0; t < T; t++) {
-        int64_t dw = taps[3 * t + 2] < 0 ? -taps[3 * t + 2] : taps[3 * t + 2];
-        if (dw > reach) reach = dw;
-        slot[t] = -1;
-        if (dw == 0 && in_place) continue;
-        for (int64_t k = 0; k < nslots && slot[t] < 0; k++)
-            if (pair[2 * k] == taps[3 * t] && pair[2 * k + 1] == taps[3 * t + 1]) slot[t] = k;
-        if (slot[t] < 0) {
-            pair[2 * nslots] = taps[3 * t], pair[2 * nslots + 1] = taps[3 * t + 1];
-            slot[t] = nslots++;
-        }
-    }
-    const int64_t rowlen = (W + 2 * reach) * CP;
+    /* With C a multiple of 4, the copies cl_forward makes; else every source row's, whose
+       channels need padding too. */
+    row_copies copies;
+    if (row_copies_make(&copies, taps, T, W, CP, CP != C)) return -1;
     int failed = 0;
 #pragma omp parallel num_threads((int)g->nthreads)
     {
         const float** src = (const float**)malloc(sizeof(float*) * (T + 1));
         const float** wt = (const float**)malloc(sizeof(float*) * (T + 1));
-        float* rows = (float*)alloc64(sizeof(float) * (nslots * rowlen + 1));
+        float* rows = row_copies_buffer(&copies);
         if (!src || !wt || !rows) {
 #pragma omp atomic write
             failed = 1;
-        } else {
-            memset(rows, 0, sizeof(float) * nslots * rowlen); /* pads stay zero */
         }
 #pragma omp barrier
         if (!failed) {
@@ -417,23 +441,13 @@ static int cl_forward_kp(const tap_call* g, const float* x, const float* wk, con
             for (int64_t row = 0; row < N * Do * H; row++) {
                 int64_t n = row / (Do * H), q = row / H % Do, h = row % H, nt = 0;
                 const float* xn = x + n * D * H * W * C;
-                for (int64_t k = 0; k < nslots; k++) {
-                    int64_t sq = q + pair[2 * k], sh = h + pair[2 * k + 1];
-                    if (sq < 0 || sq >= D || sh < 0 || sh >= H) continue;
-                    const float* from = xn + (sq * H + sh) * W * C;
-                    float* to = rows + k * rowlen + reach * CP;
-                    if (CP == C)
-                        memcpy(to, from, sizeof(float) * W * C);
-                    else
-                        for (int64_t p = 0; p < W; p++)
-                            memcpy(to + p * CP, from + p * C, sizeof(float) * C);
-                }
+                row_copies_fill(&copies, rows, xn, q, h, D, H, W, C);
                 for (int64_t t = 0; t < T; t++) {
                     int64_t sq = q + taps[3 * t], sh = h + taps[3 * t + 1];
                     if (sq < 0 || sq >= D || sh < 0 || sh >= H) continue;
                     wt[nt] = wk + t * CP * V * OPV;
-                    int64_t at = slot[t] * rowlen + (reach + taps[3 * t + 2]) * CP;
-                    src[nt++] = slot[t] < 0 ? xn + (sq * H + sh) * W * C : rows + at;
+                    src[nt++] =
+                        row_copies_src(&copies, rows, xn, t, taps + 3 * t, q, h, H, W, C, 0);
                 }
                 float* yrow = y + row * W * O;
                 for (int64_t w0 = 0; w0 < W;) {
@@ -449,8 +463,7 @@ static int cl_forward_kp(const tap_call* g, const float* x, const float* wk, con
         free(wt);
         free(rows);
     }
-    free(slot);
-    free(pair);
+    row_copies_free(&copies);
     return failed ? -1 : 0;
 }
 
