@@ -15,6 +15,11 @@ from maskparam.apply import apply_mask
 from maskparam.taps import Box
 from maskparam.taps import kernel as tap_kernel
 
+needs_kernel = pytest.mark.skipif(
+    tap_kernel.library() is None, reason=f"no tap kernel here: {tap_kernel.status()}"
+)
+"""Skips a test, or a module (``pytestmark = needs_kernel``), where the tap kernel does not run."""
+
 PLUS = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.bool)
 FALLBACK = "falls back to the dense convolution"
 

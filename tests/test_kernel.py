@@ -27,13 +27,10 @@ from tests.tap_helpers import (
     causal_type_a,
     cross3d,
     kernel_off,
+    needs_kernel,
     run,
     run_some,
     twins,
-)
-
-needs_kernel = pytest.mark.skipif(
-    tap_kernel.library() is None, reason=f"no tap kernel here: {tap_kernel.status()}"
 )
 
 

@@ -22,13 +22,12 @@ from tests.tap_helpers import (
     causal_type_a,
     cross3d,
     kernel_off,
+    needs_kernel,
     run,
     twins,
 )
 
-pytestmark = pytest.mark.skipif(
-    tap_kernel.library() is None, reason=f"no tap kernel here: {tap_kernel.status()}"
-)
+pytestmark = needs_kernel
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,9 @@ import pytest
 
 from maskparam.taps import kernel as tap_kernel
 from maskparam.taps import tune
+from tests.tap_helpers import needs_kernel
 
-pytestmark = pytest.mark.skipif(
-    tap_kernel.library() is None, reason=f"no tap kernel here: {tap_kernel.status()}"
-)
+pytestmark = needs_kernel
 
 
 @pytest.fixture
