@@ -42,6 +42,33 @@
 #endif
 #define CL_CHUNK_DEFAULT (1 << 13) /* floats of x and g per weight-gradient rectangle */
 
+/* The grid of (OV, size) that every family of tiles below is built for: CL_GRID(M) defines
+ * M's function for each, CL_TABLE(f) lists f's functions by [OV][rank], and cl_size gives
+ * each rank's size (PB or SB). Per OV, the largest size first: a row of positions, or the
+ * input channels, split into the largest that fit what is left, so nothing past the end is
+ * computed. */
+#define CL_SIZES 5
+#if CL_OV_MAX == 4
+#define CL_GRID(M)                                                                              \
+    M(1, 16) M(1, 8) M(1, 4) M(1, 2) M(1, 1) M(2, 12) M(2, 8) M(2, 4) M(2, 2) M(2, 1)          \
+    M(3, 8) M(3, 4) M(3, 2) M(3, 1) M(4, 6) M(4, 4) M(4, 2) M(4, 1)
+#define CL_TABLE(f)                                                                             \
+    {{0},                                                                                       \
+     {f##_1_16, f##_1_8, f##_1_4, f##_1_2, f##_1_1},                                            \
+     {f##_2_12, f##_2_8, f##_2_4, f##_2_2, f##_2_1},                                            \
+     {f##_3_8, f##_3_4, f##_3_2, f##_3_1, 0},                                                   \
+     {f##_4_6, f##_4_4, f##_4_2, f##_4_1, 0}}
+static const int cl_size[CL_OV_MAX + 1][CL_SIZES] = {
+    {0}, {16, 8, 4, 2, 1}, {12, 8, 4, 2, 1}, {8, 4, 2, 1, 0}, {6, 4, 2, 1, 0}};
+#else
+#define CL_GRID(M) M(1, 12) M(1, 8) M(1, 4) M(1, 2) M(1, 1) M(2, 6) M(2, 4) M(2, 2) M(2, 1)
+#define CL_TABLE(f)                                                                             \
+    {{0},                                                                                       \
+     {f##_1_12, f##_1_8, f##_1_4, f##_1_2, f##_1_1},                                            \
+     {f##_2_6, f##_2_4, f##_2_2, f##_2_1, 0}}
+static const int cl_size[CL_OV_MAX + 1][CL_SIZES] = {{0}, {12, 8, 4, 2, 1}, {6, 4, 2, 1, 0}};
+#endif
+
 /* What maskparam/taps/tune.py may choose from, and the choices it replaces. */
 int64_t tap_tile_max(void) { return CL_OV_MAX; }
 int64_t tap_tile_default(void) { return CL_OV_DEFAULT; }
@@ -89,31 +116,8 @@ int64_t tap_streams(void) { return STREAMS; } /* whether stream matters: 0, none
 typedef void (*cl_fwd_fn)(const float* const*, const float* const*, int64_t, int64_t, int64_t,
                           const float*, float*, int64_t, int, lanes_t, int);
 
-/* Per OV, the tile sizes it has, the largest first; a row takes the largest that fits in
- * what is left of it, so no tile computes positions past the row's end. */
-#define CL_SIZES 5
-#if CL_OV_MAX == 4
-CL_FWD(1, 16) CL_FWD(1, 8) CL_FWD(1, 4) CL_FWD(1, 2) CL_FWD(1, 1)
-CL_FWD(2, 12) CL_FWD(2, 8) CL_FWD(2, 4) CL_FWD(2, 2) CL_FWD(2, 1)
-CL_FWD(3, 8) CL_FWD(3, 4) CL_FWD(3, 2) CL_FWD(3, 1)
-CL_FWD(4, 6) CL_FWD(4, 4) CL_FWD(4, 2) CL_FWD(4, 1)
-static const int cl_pb[CL_OV_MAX + 1][CL_SIZES] = {
-    {0}, {16, 8, 4, 2, 1}, {12, 8, 4, 2, 1}, {8, 4, 2, 1, 0}, {6, 4, 2, 1, 0}};
-static const cl_fwd_fn cl_fwd[CL_OV_MAX + 1][CL_SIZES] = {
-    {0},
-    {cl_fwd_1_16, cl_fwd_1_8, cl_fwd_1_4, cl_fwd_1_2, cl_fwd_1_1},
-    {cl_fwd_2_12, cl_fwd_2_8, cl_fwd_2_4, cl_fwd_2_2, cl_fwd_2_1},
-    {cl_fwd_3_8, cl_fwd_3_4, cl_fwd_3_2, cl_fwd_3_1, 0},
-    {cl_fwd_4_6, cl_fwd_4_4, cl_fwd_4_2, cl_fwd_4_1, 0}};
-#else
-CL_FWD(1, 12) CL_FWD(1, 8) CL_FWD(1, 4) CL_FWD(1, 2) CL_FWD(1, 1)
-CL_FWD(2, 6) CL_FWD(2, 4) CL_FWD(2, 2) CL_FWD(2, 1)
-static const int cl_pb[CL_OV_MAX + 1][CL_SIZES] = {{0}, {12, 8, 4, 2, 1}, {6, 4, 2, 1, 0}};
-static const cl_fwd_fn cl_fwd[CL_OV_MAX + 1][CL_SIZES] = {
-    {0},
-    {cl_fwd_1_12, cl_fwd_1_8, cl_fwd_1_4, cl_fwd_1_2, cl_fwd_1_1},
-    {cl_fwd_2_6, cl_fwd_2_4, cl_fwd_2_2, cl_fwd_2_1, 0}};
-#endif
+CL_GRID(CL_FWD)
+static const cl_fwd_fn cl_fwd[CL_OV_MAX + 1][CL_SIZES] = CL_TABLE(cl_fwd);
 
 /* The lanes of the last vector of a block of output channels that hold channels below O. */
 static lanes_t cl_tail(int64_t O, int64_t o_end) {
@@ -260,13 +264,13 @@ static int cl_forward(const tap_call* g, const float* x, const float* wp, const 
                     for (int64_t k = 0; k < nt; k++) wt[k] = wp + tk[k] * C * Opad + o0;
                     for (int64_t w0 = 0; w0 < W;) {
                         int s = 0;
-                        while (cl_pb[ov][s] > W - w0) s++;
+                        while (cl_size[ov][s] > W - w0) s++;
                         for (int64_t k = 0; k < nt; k++)
                             src[k] = row_copies_src(&copies, rows, xn, tk[k], taps + 3 * tk[k],
                                                     q, h, H, W, C, w0);
                         cl_fwd[ov][s](src, wt, nt, C, Opad, bias ? bias + o0 : NULL,
-                                      yrow + w0 * O + o0, O, cl_pb[ov][s], tail, stream);
-                        w0 += cl_pb[ov][s];
+                                      yrow + w0 * O + o0, O, cl_size[ov][s], tail, stream);
+                        w0 += cl_size[ov][s];
                     }
                 }
             }
@@ -369,27 +373,9 @@ static inline vf cl_kp_reduce(vf a0, vf a1, vf a2, vf a3) {
 typedef void (*cl_kp_fn)(const float* const*, const float* const*, int64_t, int64_t,
                          const float*, float*, int64_t, int, lanes_t);
 
-#if CL_OV_MAX == 4
-CL_KP(1, 16) CL_KP(1, 8) CL_KP(1, 4) CL_KP(1, 2) CL_KP(1, 1)
-CL_KP(2, 12) CL_KP(2, 8) CL_KP(2, 4) CL_KP(2, 2) CL_KP(2, 1)
-CL_KP(3, 8) CL_KP(3, 4) CL_KP(3, 2) CL_KP(3, 1)
-CL_KP(4, 6) CL_KP(4, 4) CL_KP(4, 2) CL_KP(4, 1)
-static const cl_kp_fn cl_kp[CL_OV_MAX + 1][CL_SIZES] = {
-    {0},
-    {cl_kp_1_16, cl_kp_1_8, cl_kp_1_4, cl_kp_1_2, cl_kp_1_1},
-    {cl_kp_2_12, cl_kp_2_8, cl_kp_2_4, cl_kp_2_2, cl_kp_2_1},
-    {cl_kp_3_8, cl_kp_3_4, cl_kp_3_2, cl_kp_3_1, 0},
-    {cl_kp_4_6, cl_kp_4_4, cl_kp_4_2, cl_kp_4_1, 0}};
-#define KP_V_MAX 4
-#else /* 16 registers: up to 2 vectors; the sizes of cl_pb */
-CL_KP(1, 12) CL_KP(1, 8) CL_KP(1, 4) CL_KP(1, 2) CL_KP(1, 1)
-CL_KP(2, 6) CL_KP(2, 4) CL_KP(2, 2) CL_KP(2, 1)
-static const cl_kp_fn cl_kp[CL_OV_MAX + 1][CL_SIZES] = {
-    {0},
-    {cl_kp_1_12, cl_kp_1_8, cl_kp_1_4, cl_kp_1_2, cl_kp_1_1},
-    {cl_kp_2_6, cl_kp_2_4, cl_kp_2_2, cl_kp_2_1, 0}};
-#define KP_V_MAX 2
-#endif
+CL_GRID(CL_KP)
+static const cl_kp_fn cl_kp[CL_OV_MAX + 1][CL_SIZES] = CL_TABLE(cl_kp);
+#define KP_V_MAX CL_OV_MAX /* the vectors of the widest packed tile */
 
 /* Whether cl_forward packs input channels for O output channels: O fits the vectors it has. */
 static int cl_packs_channels(int64_t O) { return O <= KP_V_MAX * OPV; }
@@ -452,10 +438,10 @@ static int cl_forward_kp(const tap_call* g, const float* x, const float* wk, con
                 float* yrow = y + row * W * O;
                 for (int64_t w0 = 0; w0 < W;) {
                     int s = 0;
-                    while (cl_pb[V][s] > W - w0) s++;
-                    cl_kp[V][s](src, wt, nt, CP, bias, yrow + w0 * O, O, cl_pb[V][s], o_lanes);
-                    for (int64_t k = 0; k < nt; k++) src[k] += cl_pb[V][s] * CP;
-                    w0 += cl_pb[V][s];
+                    while (cl_size[V][s] > W - w0) s++;
+                    cl_kp[V][s](src, wt, nt, CP, bias, yrow + w0 * O, O, cl_size[V][s], o_lanes);
+                    for (int64_t k = 0; k < nt; k++) src[k] += cl_size[V][s] * CP;
+                    w0 += cl_size[V][s];
                 }
             }
         }
@@ -537,30 +523,8 @@ static void cl_wg_last(const float* x, const float* g, int64_t n, int64_t O, flo
         for (int64_t o = 0; o < O; o++) out[i * Opad + o] += x[i] * g[o];
 }
 
-/* Per OV, the block heights it has, the largest first: C splits into the largest that fit
- * what is left of it. */
-#if CL_OV_MAX == 4
-CL_WG(1, 16) CL_WG(1, 8) CL_WG(1, 4) CL_WG(1, 2) CL_WG(1, 1)
-CL_WG(2, 12) CL_WG(2, 8) CL_WG(2, 4) CL_WG(2, 2) CL_WG(2, 1)
-CL_WG(3, 8) CL_WG(3, 4) CL_WG(3, 2) CL_WG(3, 1)
-CL_WG(4, 6) CL_WG(4, 4) CL_WG(4, 2) CL_WG(4, 1)
-static const int cl_sb[CL_OV_MAX + 1][CL_SIZES] = {
-    {0}, {16, 8, 4, 2, 1}, {12, 8, 4, 2, 1}, {8, 4, 2, 1, 0}, {6, 4, 2, 1, 0}};
-static const cl_wg_fn cl_wg[CL_OV_MAX + 1][CL_SIZES] = {
-    {0},
-    {cl_wg_1_16, cl_wg_1_8, cl_wg_1_4, cl_wg_1_2, cl_wg_1_1},
-    {cl_wg_2_12, cl_wg_2_8, cl_wg_2_4, cl_wg_2_2, cl_wg_2_1},
-    {cl_wg_3_8, cl_wg_3_4, cl_wg_3_2, cl_wg_3_1, 0},
-    {cl_wg_4_6, cl_wg_4_4, cl_wg_4_2, cl_wg_4_1, 0}};
-#else
-CL_WG(1, 12) CL_WG(1, 8) CL_WG(1, 4) CL_WG(1, 2) CL_WG(1, 1)
-CL_WG(2, 6) CL_WG(2, 4) CL_WG(2, 2) CL_WG(2, 1)
-static const int cl_sb[CL_OV_MAX + 1][CL_SIZES] = {{0}, {12, 8, 4, 2, 1}, {6, 4, 2, 1, 0}};
-static const cl_wg_fn cl_wg[CL_OV_MAX + 1][CL_SIZES] = {
-    {0},
-    {cl_wg_1_12, cl_wg_1_8, cl_wg_1_4, cl_wg_1_2, cl_wg_1_1},
-    {cl_wg_2_6, cl_wg_2_4, cl_wg_2_2, cl_wg_2_1, 0}};
-#endif
+CL_GRID(CL_WG)
+static const cl_wg_fn cl_wg[CL_OV_MAX + 1][CL_SIZES] = CL_TABLE(cl_wg);
 
 /* gw and gb as tap_weight_grad (see there), x and g channels-last; gwp (T, C, O) gets the
  * weight sums by tap. Returns 0, or -1 if out of memory. */
@@ -632,12 +596,12 @@ static int cl_weight_grad(const tap_call* g, const float* x, const float* gy, fl
                         int ov = nvec - v0 < CL_OV_MAX ? (int)(nvec - v0) : CL_OV_MAX;
                         for (int64_t c0 = 0; c0 < C;) {
                             int s = 0;
-                            while (cl_sb[ov][s] > C - c0) s++;
+                            while (cl_size[ov][s] > C - c0) s++;
                             if (safe > 0)
                                 cl_wg[ov][s](xs + r0 * W * C + c0, gs + r0 * W * O + v0 * LANES,
                                              nr, safe, W * C, W * O, C, O,
                                              accw + (t * C + c0) * Opad + v0 * LANES, Opad);
-                            c0 += cl_sb[ov][s];
+                            c0 += cl_size[ov][s];
                         }
                     }
                     for (int64_t j = safe; j < cols; j++)
